@@ -1,0 +1,18 @@
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let protos = [
+        "proto/keyward/v1/common.proto",
+        "proto/keyward/v1/key.proto",
+        "proto/keyward/v1/data.proto",
+        "proto/keyward/v1/admin.proto",
+    ];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("keyward_descriptor.bin"))
+        .compile_protos(&protos, &["proto"])?;
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! Authorisation layer (tower): identity from the TLS client certificate (first SAN
+//! URI, else subject CN), role from the config, RPC allowed by the role — deny by
+//! default, decided before any handler or HSM call runs. Refusals are audited. While
+//! the audit trail cannot be written every call is refused with UNAVAILABLE.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{Request, Response};
+use openssl::nid::Nid;
+use openssl::x509::X509;
+use tonic::body::Body;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::{Code, Status};
+use tower::{Layer, Service};
+
+use super::audit::AuditEvent;
+use super::error::code_name;
+use super::{AppState, Caller};
+
+/// Identity of a DER certificate: its first SAN URI, else its subject CN.
+pub fn identity_of(der: &[u8]) -> Option<String> {
+    let cert = X509::from_der(der).ok()?;
+    if let Some(sans) = cert.subject_alt_names() {
+        if let Some(uri) = sans.iter().find_map(|g| g.uri().map(str::to_string)) {
+            return Some(uri);
+        }
+    }
+    let cn = cert.subject_name().entries_by_nid(Nid::COMMONNAME).next()?;
+    cn.data().to_string().ok()
+}
+
+const HEALTH_PREFIX: &str = "grpc.health.v1.Health/";
+
+#[derive(Clone)]
+pub struct AuthLayer {
+    state: Arc<AppState>,
+    cache: Arc<Mutex<HashMap<[u8; 32], Option<String>>>>,
+    counter: Arc<AtomicU64>,
+}
+
+impl AuthLayer {
+    pub fn new(state: Arc<AppState>) -> Self {
+        AuthLayer { state, cache: Arc::default(), counter: Arc::default() }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService { inner, layer: self.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    layer: AuthLayer,
+}
+
+impl AuthLayer {
+    fn identity(&self, req: &Request<Body>) -> Option<String> {
+        let info = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?;
+        let certs = info.peer_certs()?;
+        let der = certs.first()?;
+        let digest = openssl::sha::sha256(der.as_ref());
+        if let Some(id) = self.cache.lock().ok().and_then(|c| c.get(&digest).cloned()) {
+            return id;
+        }
+        let id = identity_of(der.as_ref());
+        if let Ok(mut c) = self.cache.lock() {
+            if c.len() > 4096 {
+                c.clear();
+            }
+            c.insert(digest, id.clone());
+        }
+        id
+    }
+
+    fn request_id(&self, req: &Request<Body>) -> String {
+        match req.headers().get("x-request-id").and_then(|v| v.to_str().ok()) {
+            Some(v) if !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') => {
+                v.to_string()
+            }
+            _ => format!("{:x}-{:x}", self.state.boot_epoch, self.counter.fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+
+    /// The caller, or the status that refuses the request.
+    fn authorise(&self, req: &Request<Body>, started: Instant) -> Result<Caller, (Status, Option<String>, String)> {
+        let rpc = req.uri().path().trim_start_matches('/').to_string();
+        let request_id = self.request_id(req);
+        let Some(identity) = self.identity(req) else {
+            return Err((Status::unauthenticated("client certificate required"), None, request_id));
+        };
+        if !self.state.audit.healthy() && !rpc.starts_with(HEALTH_PREFIX) {
+            return Err((Status::unavailable("audit trail unavailable"), Some(identity), request_id));
+        }
+        let Some(role) = self.state.config.role_of(&identity) else {
+            return Err((
+                Status::permission_denied("client is not authorised for any role"),
+                Some(identity),
+                request_id,
+            ));
+        };
+        if !role.allows_rpc(&rpc) {
+            return Err((
+                Status::permission_denied(format!("role {} may not call {rpc}", role.name)),
+                Some(identity),
+                request_id,
+            ));
+        }
+        Ok(Caller { identity, role: Arc::new(role.clone()), rpc, request_id, started })
+    }
+}
+
+impl<S> Service<Request<Body>> for AuthService<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let started = Instant::now();
+        // Take the service that was polled ready; leave a clone in its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            match layer.authorise(&req, started) {
+                Ok(caller) if caller.rpc.starts_with("keyward.") => {
+                    // keyward handlers write their own line, with keys and outcome.
+                    req.extensions_mut().insert(caller);
+                    inner.call(req).await
+                }
+                Ok(caller) if caller.rpc.starts_with(HEALTH_PREFIX) => {
+                    // Health probes use no key and must answer NOT_SERVING while the
+                    // trail is down, so they are not audited.
+                    inner.call(req).await
+                }
+                Ok(caller) => {
+                    // Other standard services (reflection): audited as authorised, then served.
+                    let ev = AuditEvent::rpc(
+                        &caller.identity,
+                        &caller.role.name,
+                        &caller.rpc,
+                        Vec::new(),
+                        "ok",
+                        "OK",
+                        started.elapsed().as_micros() as u64,
+                        &caller.request_id,
+                        Vec::new(),
+                    );
+                    if layer.state.audit.record(ev).await.is_err() {
+                        return Ok(Status::unavailable("audit trail unavailable").into_http());
+                    }
+                    inner.call(req).await
+                }
+                Err((status, identity, request_id)) => {
+                    let rpc = req.uri().path().trim_start_matches('/').to_string();
+                    let ev = AuditEvent::rpc(
+                        identity.as_deref().unwrap_or("(none)"),
+                        "",
+                        &rpc,
+                        Vec::new(),
+                        "denied",
+                        code_name(status.code()),
+                        started.elapsed().as_micros() as u64,
+                        &request_id,
+                        Vec::new(),
+                    );
+                    let status = match layer.state.audit.record(ev).await {
+                        Ok(_) => status,
+                        Err(_) => Status::new(Code::Unavailable, "audit trail unavailable"),
+                    };
+                    Ok(status.into_http())
+                }
+            }
+        })
+    }
+}

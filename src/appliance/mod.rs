@@ -1,0 +1,103 @@
+//! The gRPC appliance: TLS server, authorisation layer, audit trail and one file
+//! per service. Request path: mTLS -> identity -> authorise -> validate -> handler
+//! -> hsm -> audit -> response.
+
+pub mod admin_service;
+pub mod audit;
+pub mod audit_keys;
+pub mod auth;
+pub mod data_service;
+pub mod error;
+pub mod key_service;
+pub mod server;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::{Code, Response, Status};
+
+use crate::config::{Config, Role};
+use crate::hsm::Hsm;
+use audit::{AuditEvent, AuditTrail};
+pub use error::Error;
+
+/// Shared state of every service.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub hsm: Hsm,
+    pub audit: Arc<AuditTrail>,
+    /// Unix seconds of this process's start.
+    pub boot_epoch: u64,
+}
+
+/// The authenticated caller of one RPC, put into the request by the auth layer.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// First SAN URI of the client certificate, else its subject CN.
+    pub identity: String,
+    pub role: Arc<Role>,
+    /// gRPC path without the leading '/'.
+    pub rpc: String,
+    pub request_id: String,
+    pub started: Instant,
+}
+
+impl Caller {
+    /// The caller of a request that passed the auth layer.
+    pub fn of<T>(req: &tonic::Request<T>) -> Result<Caller, Status> {
+        req.extensions()
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no authenticated caller"))
+    }
+
+    /// Refuses a key name the role may not use (before any HSM call).
+    pub fn may_use_key(&self, name: &str) -> Result<(), Error> {
+        if self.role.allows_key(name) {
+            Ok(())
+        } else {
+            Err(Error::PermissionDenied(format!("role {} may not use key {name}", self.role.name)))
+        }
+    }
+}
+
+/// What a handler reports for the audit line besides its result.
+#[derive(Default, Debug)]
+pub struct Note {
+    /// Keys used, "name/vN".
+    pub keys: Vec<String>,
+    /// HMAC'd subject identifiers.
+    pub subjects: Vec<String>,
+}
+
+impl AppState {
+    /// Writes the call's audit line, then answers. If the line cannot be written the
+    /// call fails with UNAVAILABLE, whatever its result (the trail fails closed).
+    pub async fn finish<T>(&self, caller: &Caller, note: Note, result: Result<T, Error>) -> Result<Response<T>, Status> {
+        let code = match &result {
+            Ok(_) => Code::Ok,
+            Err(e) => e.code(),
+        };
+        let outcome = match code {
+            Code::Ok => "ok",
+            Code::PermissionDenied | Code::Unauthenticated => "denied",
+            _ => "error",
+        };
+        let ev = AuditEvent::rpc(
+            &caller.identity,
+            &caller.role.name,
+            &caller.rpc,
+            note.keys,
+            outcome,
+            error::code_name(code),
+            caller.started.elapsed().as_micros() as u64,
+            &caller.request_id,
+            note.subjects,
+        );
+        if let Err(e) = self.audit.record(ev).await {
+            tracing::error!(error = %e, rpc = %caller.rpc, "audit write failed: refusing the call");
+            return Err(Status::unavailable("audit trail unavailable"));
+        }
+        result.map(Response::new).map_err(Status::from)
+    }
+}

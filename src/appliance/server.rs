@@ -1,0 +1,199 @@
+//! The TLS server: mandatory mTLS (rustls through tonic), the authorisation layer,
+//! request limits (message size, deadline, global concurrency), health, reflection,
+//! the audit trail's lifecycle, SIGHUP reload and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
+
+use super::admin_service::AdminSvc;
+use super::audit::{AuditOptions, AuditTrail};
+use super::auth::AuthLayer;
+use super::data_service::DataSvc;
+use super::key_service::KeySvc;
+use super::AppState;
+use crate::config::Config;
+use crate::hsm::{Hsm, HsmOptions};
+use crate::proto::admin_service_server::AdminServiceServer;
+use crate::proto::data_service_server::DataServiceServer;
+use crate::proto::key_service_server::KeyServiceServer;
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("token: {0}")]
+    Hsm(#[from] crate::hsm::Error),
+    #[error("audit trail: {0}")]
+    Audit(#[from] super::audit::AuditError),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("listen on {addr}: {err}")]
+    Bind { addr: SocketAddr, err: std::io::Error },
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+/// Opens the token with the config's settings (keys copied into session objects).
+pub fn open_hsm(config: &Config) -> Result<Hsm, crate::hsm::Error> {
+    Hsm::open(HsmOptions {
+        module: config.hsm.module.clone(),
+        token_label: config.hsm.token_label.clone(),
+        user_pin: config.hsm.user_pin.clone(),
+        pool_size: config.hsm.sessions,
+        session_copies: true,
+    })
+}
+
+/// A started appliance.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl Running {
+    /// Stops accepting, lets calls in flight finish, writes the final audit checkpoint.
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(ServeError::Tls(format!("server task: {e}"))),
+        }
+    }
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
+    std::fs::read(path).map_err(|e| ServeError::Tls(format!("{}: {e}", path.display())))
+}
+
+/// Starts the appliance on the configured address (port 0 picks a free one) and
+/// returns once it accepts connections.
+pub async fn start(config: Config) -> Result<Running, ServeError> {
+    let config = Arc::new(config);
+    let hsm = {
+        let c = Arc::clone(&config);
+        tokio::task::spawn_blocking(move || open_hsm(&c))
+            .await
+            .map_err(|e| ServeError::Tls(format!("start-up task: {e}")))??
+    };
+    for (label, reason) in hsm.catalogue().refused() {
+        tracing::error!(key = %label, %reason, "key refused at start-up: not served");
+    }
+    let audit_keys = Arc::new(super::audit_keys::TokenAuditKeys::new(hsm.clone()));
+    let audit = AuditTrail::open(
+        &config.audit.dir,
+        audit_keys,
+        AuditOptions { checkpoint_every: config.audit.checkpoint_every, writer_name: "appliance".into(), ..AuditOptions::default() },
+    )?;
+    let boot_epoch = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let state = Arc::new(AppState { config: Arc::clone(&config), hsm, audit: Arc::new(audit), boot_epoch });
+
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(&config.server.tls_cert)?, read(&config.server.tls_key)?))
+        .client_ca_root(Certificate::from_pem(read(&config.server.client_ca)?))
+        .client_auth_optional(false);
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+    let max = config.limits.max_message_bytes;
+    let keys = KeyServiceServer::new(KeySvc { state: Arc::clone(&state) }).max_decoding_message_size(max);
+    let data = DataServiceServer::new(DataSvc { state: Arc::clone(&state) }).max_decoding_message_size(max);
+    let admin = AdminServiceServer::new(AdminSvc { state: Arc::clone(&state) }).max_decoding_message_size(max);
+
+    let incoming = TcpIncoming::bind(config.server.listen)
+        .map_err(|err| ServeError::Bind { addr: config.server.listen, err })?
+        .with_nodelay(Some(true));
+    let addr = incoming.local_addr().map_err(|err| ServeError::Bind { addr: config.server.listen, err })?;
+
+    let router = Server::builder()
+        .tls_config(tls)?
+        .timeout(config.limits.deadline)
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(config.limits.concurrency))
+        .layer(AuthLayer::new(Arc::clone(&state)))
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(keys)
+        .add_service(data)
+        .add_service(admin);
+
+    // Health follows the token and the audit trail: NOT_SERVING while either is down.
+    let watch_state = Arc::clone(&state);
+    let watcher = tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let ok = watch_state.audit.healthy() && watch_state.hsm.is_live();
+            if last != Some(ok) {
+                let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+                health.set_service_status("", status).await;
+                for svc in ["keyward.v1.KeyService", "keyward.v1.DataService", "keyward.v1.AdminService"] {
+                    health.set_service_status(svc, status).await;
+                }
+                if !ok {
+                    tracing::error!("appliance NOT_SERVING: audit trail or token unavailable");
+                }
+                last = Some(ok);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+
+    // SIGHUP reloads the catalogue.
+    let hup_hsm = state.hsm.clone();
+    let hup = tokio::spawn(async move {
+        let Ok(mut sig) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            return;
+        };
+        while sig.recv().await.is_some() {
+            let h = hup_hsm.clone();
+            match tokio::task::spawn_blocking(move || h.reload()).await {
+                Ok(Ok(n)) => tracing::info!(keys = n, "SIGHUP: key catalogue reloaded"),
+                Ok(Err(e)) => tracing::error!(error = %e, "SIGHUP: reload failed"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: reload task failed"),
+            }
+        }
+    });
+
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run_state = Arc::clone(&state);
+    let task = tokio::spawn(async move {
+        let r = router
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = rx.await;
+            })
+            .await;
+        watcher.abort();
+        hup.abort();
+        let audit = Arc::clone(&run_state.audit);
+        let closed = tokio::task::spawn_blocking(move || audit.shutdown())
+            .await
+            .map_err(|e| ServeError::Tls(format!("audit shutdown task: {e}")))?;
+        r?;
+        closed?;
+        Ok(())
+    });
+    tracing::info!(%addr, "keyward appliance listening (mTLS required)");
+    Ok(Running { addr, state, shutdown: Some(tx), task })
+}
+
+/// Runs until `stop` resolves (e.g. Ctrl-C / SIGTERM).
+pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let running = start(config).await?;
+    stop.await;
+    tracing::info!("shutting down");
+    running.shutdown().await
+}

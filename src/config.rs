@@ -1,0 +1,482 @@
+//! Appliance configuration: TOML -> a validated [`Config`]. Every problem is
+//! reported at once, each with its path; secrets are held as `SecretString`.
+//!
+//! String values may use `${VAR}` and `${VAR:-default}` to take a value from the
+//! environment; relative paths are resolved against the config file's directory.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// Every problem found in a config file, one per line, each with its path.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} configuration error(s):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    hsm: RawHsm,
+    server: RawServer,
+    #[serde(default)]
+    limits: RawLimits,
+    audit: RawAudit,
+    #[serde(default)]
+    clients: BTreeMap<String, String>,
+    #[serde(default)]
+    roles: BTreeMap<String, RawRole>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHsm {
+    module: String,
+    token_label: String,
+    user_pin: PinSource,
+    #[serde(default = "default_sessions")]
+    sessions: usize,
+}
+
+fn default_sessions() -> usize {
+    8
+}
+
+/// Where the token's user PIN comes from. Never inline unless marked development.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PinSource {
+    /// Name of an environment variable holding the PIN.
+    pub env: Option<String>,
+    /// Path of a file holding the PIN (first line; should be mode 0600).
+    pub file: Option<String>,
+    /// The PIN itself: development only, refused unless the key is spelled `dev_inline`.
+    pub dev_inline: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    tls_cert: String,
+    tls_key: String,
+    client_ca: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default = "default_max_message")]
+    max_message_bytes: usize,
+    #[serde(default = "default_deadline")]
+    deadline_ms: u64,
+    #[serde(default = "default_concurrency")]
+    concurrency: usize,
+}
+
+fn default_max_message() -> usize {
+    1 << 20
+}
+fn default_deadline() -> u64 {
+    5_000
+}
+fn default_concurrency() -> usize {
+    512
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_message_bytes: default_max_message(),
+            deadline_ms: default_deadline(),
+            concurrency: default_concurrency(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    dir: String,
+    #[serde(default = "default_checkpoint")]
+    checkpoint_every: u64,
+}
+
+fn default_checkpoint() -> u64 {
+    1000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRole {
+    /// RPCs: "keyward.v1.DataService/Encrypt", "keyward.v1.DataService/*" or "*".
+    rpcs: Vec<String>,
+    /// Key names: exact, or a prefix ending in '*'.
+    #[serde(default)]
+    keys: Vec<String>,
+}
+
+/// Token settings.
+#[derive(Debug, Clone)]
+pub struct HsmConfig {
+    pub module: PathBuf,
+    pub token_label: String,
+    pub user_pin: SecretString,
+    pub sessions: usize,
+}
+
+/// TLS listener settings. mTLS is mandatory: there is no way to omit the client CA.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+/// Request limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub deadline: Duration,
+    pub concurrency: usize,
+}
+
+/// Audit trail settings.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub dir: PathBuf,
+    pub checkpoint_every: u64,
+}
+
+/// What one role may call, and with which keys.
+#[derive(Debug, Clone)]
+pub struct Role {
+    pub name: String,
+    pub rpcs: Vec<String>,
+    pub keys: Vec<String>,
+}
+
+impl Role {
+    /// `path` is the gRPC path without the leading '/': "keyward.v1.DataService/Encrypt".
+    pub fn allows_rpc(&self, path: &str) -> bool {
+        let path = path.trim_start_matches('/');
+        self.rpcs.iter().any(|p| {
+            p == "*" || p == path || (p.ends_with("/*") && path.starts_with(&p[..p.len() - 1]))
+        })
+    }
+
+    pub fn allows_key(&self, name: &str) -> bool {
+        self.keys.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => p == name,
+        })
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub hsm: HsmConfig,
+    pub server: ServerConfig,
+    pub limits: Limits,
+    pub audit: AuditConfig,
+    /// Client identity (first SAN URI, else subject CN) -> role name.
+    pub clients: BTreeMap<String, String>,
+    pub roles: BTreeMap<String, Role>,
+}
+
+/// Expands `${VAR}` and `${VAR:-default}`.
+pub fn expand_env(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| format!("unterminated ${{ in {s:?}"))?;
+        let expr = &after[..end];
+        let (name, default) = match expr.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (expr, None),
+        };
+        match (std::env::var(name), default) {
+            (Ok(v), _) if !v.is_empty() => out.push_str(&v),
+            (_, Some(d)) => out.push_str(d),
+            _ => return Err(format!("environment variable {name} is not set")),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+struct Checker {
+    base: PathBuf,
+    errors: Vec<String>,
+}
+
+impl Checker {
+    fn string(&mut self, path: &str, v: &str) -> Option<String> {
+        match expand_env(v) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.errors.push(format!("{path}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn file(&mut self, path: &str, v: &str) -> Option<PathBuf> {
+        let s = self.string(path, v)?;
+        let p = Path::new(&s);
+        let p = if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) };
+        if !p.is_file() {
+            self.errors.push(format!("{path}: file {} does not exist", p.display()));
+            return None;
+        }
+        Some(p)
+    }
+
+    fn dir(&mut self, path: &str, v: &str) -> Option<PathBuf> {
+        let s = self.string(path, v)?;
+        let p = Path::new(&s);
+        Some(if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) })
+    }
+}
+
+/// Reads the PIN from its source.
+pub fn read_pin(src: &PinSource, base: &Path) -> Result<SecretString, String> {
+    match (&src.env, &src.file, &src.dev_inline) {
+        (Some(var), None, None) => match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Ok(SecretString::from(v)),
+            _ => Err(format!("environment variable {var} is not set")),
+        },
+        (None, Some(file), None) => {
+            let f = expand_env(file)?;
+            let p = Path::new(&f);
+            let p = if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+            let text = std::fs::read_to_string(&p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            let pin = text.lines().next().unwrap_or("").trim().to_string();
+            if pin.is_empty() {
+                return Err(format!("{} is empty", p.display()));
+            }
+            Ok(SecretString::from(pin))
+        }
+        (None, None, Some(pin)) => {
+            tracing::warn!("user PIN inline in the config (dev_inline): development only");
+            Ok(SecretString::from(pin.clone()))
+        }
+        _ => Err("set exactly one of env, file, dev_inline".into()),
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![format!("{}: cannot read: {e}", path.display())]))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Config::parse(&text, &base)
+    }
+
+    /// Parses and validates config text; relative paths resolve against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        let mut c = Checker { base: base.to_path_buf(), errors: Vec::new() };
+
+        let module = c.string("hsm.module", &raw.hsm.module).map(PathBuf::from);
+        if let Some(m) = &module {
+            if !m.is_file() {
+                c.errors.push(format!("hsm.module: {} does not exist", m.display()));
+            }
+        }
+        let token_label = c.string("hsm.token_label", &raw.hsm.token_label);
+        if token_label.as_deref().is_some_and(|l| l.is_empty() || l.len() > 32) {
+            c.errors.push("hsm.token_label: must be 1-32 characters".into());
+        }
+        let pin = match read_pin(&raw.hsm.user_pin, base) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                c.errors.push(format!("hsm.user_pin: {e}"));
+                None
+            }
+        };
+        if raw.hsm.sessions == 0 || raw.hsm.sessions > 256 {
+            c.errors.push("hsm.sessions: must be 1-256".into());
+        }
+
+        let listen = c.string("server.listen", &raw.server.listen).and_then(|s| match s.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                c.errors.push(format!("server.listen: {s:?} is not an address:port ({e})"));
+                None
+            }
+        });
+        let tls_cert = c.file("server.tls_cert", &raw.server.tls_cert);
+        let tls_key = c.file("server.tls_key", &raw.server.tls_key);
+        let client_ca = match &raw.server.client_ca {
+            Some(ca) => c.file("server.client_ca", ca),
+            None => {
+                c.errors.push("server.client_ca: required: mutual TLS is mandatory".into());
+                None
+            }
+        };
+
+        let l = &raw.limits;
+        if l.max_message_bytes < 1024 || l.max_message_bytes > 64 << 20 {
+            c.errors.push("limits.max_message_bytes: must be 1 KiB - 64 MiB".into());
+        }
+        if l.deadline_ms == 0 || l.deadline_ms > 600_000 {
+            c.errors.push("limits.deadline_ms: must be 1-600000".into());
+        }
+        if l.concurrency == 0 || l.concurrency > 100_000 {
+            c.errors.push("limits.concurrency: must be 1-100000".into());
+        }
+
+        let audit_dir = c.dir("audit.dir", &raw.audit.dir);
+        if raw.audit.checkpoint_every == 0 {
+            c.errors.push("audit.checkpoint_every: must be at least 1".into());
+        }
+
+        let mut roles = BTreeMap::new();
+        for (name, r) in &raw.roles {
+            if r.rpcs.is_empty() {
+                c.errors.push(format!("roles.{name}.rpcs: empty: a role must allow at least one RPC"));
+            }
+            for (i, p) in r.rpcs.iter().enumerate() {
+                let p = p.trim_start_matches('/');
+                let ok = p == "*"
+                    || p.split_once('/').is_some_and(|(svc, m)| {
+                        svc.starts_with("keyward.v1.") || svc.starts_with("grpc.")
+                    } && !m.is_empty() && (m == "*" || !m.contains('*')));
+                if !ok {
+                    c.errors.push(format!(
+                        "roles.{name}.rpcs[{i}]: {p:?} is not \"*\", \"package.Service/*\" or \"package.Service/Method\""
+                    ));
+                }
+            }
+            for (i, k) in r.keys.iter().enumerate() {
+                let stem = k.strip_suffix('*').unwrap_or(k);
+                if stem.contains('*') {
+                    c.errors.push(format!("roles.{name}.keys[{i}]: '*' only at the end"));
+                }
+            }
+            roles.insert(
+                name.clone(),
+                Role {
+                    name: name.clone(),
+                    rpcs: r.rpcs.iter().map(|p| p.trim_start_matches('/').to_string()).collect(),
+                    keys: r.keys.clone(),
+                },
+            );
+        }
+        for (client, role) in &raw.clients {
+            if !roles.contains_key(role) {
+                c.errors.push(format!("clients.{client:?}: role {role:?} is not defined under [roles]"));
+            }
+            if client.is_empty() {
+                c.errors.push("clients: empty client identity".into());
+            }
+        }
+
+        if !c.errors.is_empty() {
+            return Err(ConfigErrors(c.errors));
+        }
+        match (module, token_label, pin, listen, tls_cert, tls_key, client_ca, audit_dir) {
+            (Some(module), Some(token_label), Some(user_pin), Some(listen), Some(tls_cert), Some(tls_key), Some(client_ca), Some(dir)) => {
+                Ok(Config {
+                    hsm: HsmConfig { module, token_label, user_pin, sessions: raw.hsm.sessions },
+                    server: ServerConfig { listen, tls_cert, tls_key, client_ca },
+                    limits: Limits {
+                        max_message_bytes: l.max_message_bytes,
+                        deadline: Duration::from_millis(l.deadline_ms),
+                        concurrency: l.concurrency,
+                    },
+                    audit: AuditConfig { dir, checkpoint_every: raw.audit.checkpoint_every },
+                    clients: raw.clients,
+                    roles,
+                })
+            }
+            _ => Err(ConfigErrors(vec!["configuration incomplete".into()])),
+        }
+    }
+
+    /// The role of a client identity, if the config names it.
+    pub fn role_of(&self, identity: &str) -> Option<&Role> {
+        self.clients.get(identity).and_then(|r| self.roles.get(r))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_every_error_with_its_path() {
+        let text = r#"
+[hsm]
+module = "/nonexistent/module.so"
+token_label = "keyward"
+user_pin = { env = "KEYWARD_TEST_UNSET_PIN_VAR" }
+[server]
+listen = "not-an-address"
+tls_cert = "missing.crt"
+tls_key = "missing.key"
+[audit]
+dir = "audit"
+[clients]
+"alice" = "nobody"
+[roles.ops]
+rpcs = ["Bad*Pattern"]
+"#;
+        let err = Config::parse(text, Path::new("/tmp")).err().map(|e| e.0).unwrap_or_default();
+        let joined = err.join("\n");
+        for needle in [
+            "hsm.module",
+            "hsm.user_pin",
+            "server.listen",
+            "server.tls_cert",
+            "server.tls_key",
+            "server.client_ca",
+            "clients.\"alice\"",
+            "roles.ops.rpcs[0]",
+        ] {
+            assert!(joined.contains(needle), "missing {needle} in:\n{joined}");
+        }
+    }
+
+    #[test]
+    fn role_patterns() {
+        let r = Role {
+            name: "r".into(),
+            rpcs: vec!["keyward.v1.DataService/*".into(), "keyward.v1.KeyService/ListKeys".into()],
+            keys: vec!["data".into(), "binding*".into()],
+        };
+        assert!(r.allows_rpc("/keyward.v1.DataService/Encrypt"));
+        assert!(r.allows_rpc("keyward.v1.KeyService/ListKeys"));
+        assert!(!r.allows_rpc("/keyward.v1.KeyService/GetKey"));
+        assert!(!r.allows_rpc("/keyward.v1.DataServiceX/Encrypt"));
+        assert!(r.allows_key("data"));
+        assert!(r.allows_key("binding.index"));
+        assert!(!r.allows_key("data2"));
+    }
+
+    #[test]
+    fn env_expansion() {
+        assert_eq!(expand_env("${KEYWARD_TEST_UNSET_X:-/a/b}/c").ok().as_deref(), Some("/a/b/c"));
+        assert!(expand_env("${KEYWARD_TEST_UNSET_X}").is_err());
+    }
+}

@@ -1,0 +1,315 @@
+//! `keyward demo`: from nothing to a working appliance on an embedded default — a
+//! fresh state directory (SoftHSM token via softhsm-setup, development PKI, the keys
+//! `ceremony init` makes), the appliance on a free loopback port, the flows a client
+//! runs, a refused call, the audit trail verified, a clean shutdown. The set-up
+//! helpers here are also what the integration tests and `keyward bench` use.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Instant;
+
+use tonic::Code;
+
+use crate::appliance::server;
+use crate::ceremony::{self, Ceremony, TokenArgs};
+use crate::client::{self, ClientTls, Clients};
+use crate::config::Config;
+use crate::proto::{DecryptRequest, EncryptRequest, GetKeyRequest, ListKeysRequest, PingRequest};
+
+/// Clients the demo PKI issues; the example config gives each a role.
+pub const DEMO_CLIENTS: [&str; 4] = ["admin", "hub", "auditor", "bench"];
+
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// State directory; wiped and made anew (default: $TMPDIR/keyward-demo).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Example appliance config the demo instantiates.
+    #[arg(long, default_value = "pkcs11-config/appliance.toml")]
+    pub config_template: PathBuf,
+    /// Key profile for `ceremony init`.
+    #[arg(long, default_value = "pkcs11-config/key-profile.toml")]
+    pub profile: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{0}")]
+    Step(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Ceremony(#[from] ceremony::CeremonyError),
+    #[error(transparent)]
+    Serve(#[from] server::ServeError),
+    #[error(transparent)]
+    Client(#[from] client::ClientError),
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigErrors),
+    #[error("unexpected answer: {0}")]
+    Status(#[from] tonic::Status),
+}
+
+/// A prepared state directory.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub dir: PathBuf,
+    pub pki: PathBuf,
+    /// The instantiated appliance config.
+    pub config: PathBuf,
+    /// What softhsm-setup exported (SOFTHSM2_CONF, KEYWARD_PKCS11_MODULE, ...).
+    pub exports: BTreeMap<String, String>,
+}
+
+/// Finds a repository file from the current directory or the crate's source directory.
+pub fn repo_file(rel: &Path) -> PathBuf {
+    if rel.is_absolute() || rel.exists() {
+        return rel.to_path_buf();
+    }
+    let from_src = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    if from_src.exists() {
+        from_src
+    } else {
+        rel.to_path_buf()
+    }
+}
+
+/// Runs `softhsm-setup/setup.sh DIR` (installs what is missing, makes the token) and
+/// returns its exports.
+pub fn setup_token(dir: &Path) -> Result<BTreeMap<String, String>, DemoError> {
+    let script = repo_file(Path::new("softhsm-setup/setup.sh"));
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| DemoError::Step(format!("{}: {e}", script.display())))?;
+    if !out.status.success() {
+        return Err(DemoError::Step(format!("{} failed ({})", script.display(), out.status)));
+    }
+    let mut exports = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some((k, v)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
+            exports.insert(k.to_string(), unquote(v));
+        }
+    }
+    if !exports.contains_key("SOFTHSM2_CONF") {
+        return Err(DemoError::Step("softhsm-setup printed no SOFTHSM2_CONF".into()));
+    }
+    Ok(exports)
+}
+
+/// Undoes bash `printf %q` quoting for the plain paths setup.sh prints.
+fn unquote(v: &str) -> String {
+    let v = v.trim();
+    if let Some(inner) = v.strip_prefix('\'').and_then(|s| s.strip_suffix('\'')) {
+        return inner.to_string();
+    }
+    let mut out = String::with_capacity(v.len());
+    let mut chars = v.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(n) = chars.next() {
+                out.push(n);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Makes a state directory ready: token, PKI and an instantiated config listening on
+/// `listen`. Sets SOFTHSM2_CONF for this process: call it before any token is opened.
+pub fn prepare(dir: &Path, template: &Path, listen: &str) -> Result<Prepared, DemoError> {
+    std::fs::create_dir_all(dir)?;
+    let dir = dir.canonicalize()?;
+    let exports = setup_token(&dir)?;
+    if let Some(conf) = exports.get("SOFTHSM2_CONF") {
+        std::env::set_var("SOFTHSM2_CONF", conf);
+    }
+    let pki = dir.join("pki");
+    if !pki.join("ca.crt").exists() {
+        let names: Vec<String> = DEMO_CLIENTS.iter().map(|s| s.to_string()).collect();
+        crate::pki::write_dev_pki(&pki, &names, &crate::pki::DevPkiOptions::default())
+            .map_err(|e| DemoError::Step(format!("dev-pki: {e}")))?;
+    }
+    let template = repo_file(template);
+    let text = std::fs::read_to_string(&template)
+        .map_err(|e| DemoError::Step(format!("{}: {e}", template.display())))?;
+    let module = exports.get("KEYWARD_PKCS11_MODULE").cloned().unwrap_or_else(|| "/usr/lib/softhsm/libsofthsm2.so".into());
+    let label = exports.get("KEYWARD_TOKEN_LABEL").cloned().unwrap_or_else(|| "keyward".into());
+    let text = text
+        .replace("${KEYWARD_PKCS11_MODULE:-/usr/lib/softhsm/libsofthsm2.so}", &module)
+        .replace("${KEYWARD_TOKEN_LABEL:-keyward}", &label)
+        .replace("${KEYWARD_LISTEN:-127.0.0.1:50051}", listen)
+        .replace("${KEYWARD_STATE}", &dir.display().to_string());
+    let config = dir.join("appliance.toml");
+    std::fs::write(&config, text)?;
+    Ok(Prepared { dir, pki, config, exports })
+}
+
+/// `ceremony init` with `profile` against the prepared token; prints the table.
+pub fn ceremony_init(p: &Prepared, profile: &Path) -> Result<Vec<crate::hsm::KeyMeta>, DemoError> {
+    let args = TokenArgs {
+        config: Some(p.config.clone()),
+        module: PathBuf::new(),
+        token_label: String::new(),
+        audit_dir: None,
+    };
+    let mut c = Ceremony::open(&args)?;
+    let profile = ceremony::read_profile(&repo_file(profile))?;
+    c.init(&profile)?;
+    let keys = c.list();
+    c.close()?;
+    Ok(keys)
+}
+
+fn step(n: u32, what: &str) {
+    println!("\n== {n}. {what}");
+}
+
+/// `keyward demo`.
+pub fn main(args: DemoArgs) -> ExitCode {
+    match run(args) {
+        Ok(()) => {
+            println!("\ndemo finished: every step behaved as expected");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("\ndemo FAILED: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: DemoArgs) -> Result<(), DemoError> {
+    let started = Instant::now();
+    let dir = args.state.clone().unwrap_or_else(|| std::env::temp_dir().join("keyward-demo"));
+    if dir.exists() {
+        if !dir.join("appliance.toml").exists() && std::fs::read_dir(&dir)?.next().is_some() {
+            return Err(DemoError::Step(format!(
+                "{} exists and is not a keyward demo state directory: not wiping it",
+                dir.display()
+            )));
+        }
+        std::fs::remove_dir_all(&dir)?;
+    }
+
+    step(1, "fresh state: SoftHSM token (softhsm-setup), development PKI");
+    let p = prepare(&dir, &args.config_template, "127.0.0.1:0")?;
+    println!("state directory {}", p.dir.display());
+    println!("token {:?} in {}", p.exports.get("KEYWARD_TOKEN_LABEL").map(String::as_str).unwrap_or("keyward"), p.dir.join("tokens").display());
+
+    step(2, "key ceremony: `ceremony init` creates the profile's keys inside the token");
+    let keys = ceremony_init(&p, &args.profile)?;
+    ceremony::print_table(&keys, &mut std::io::stdout())?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(flows(&p))?;
+
+    step(7, "audit trail: `keyward audit verify`");
+    let hsm = ceremony::open_token_only(&TokenArgs {
+        config: Some(p.config.clone()),
+        module: PathBuf::new(),
+        token_label: String::new(),
+        audit_dir: None,
+    })?;
+    let keys = crate::appliance::audit_keys::TokenAuditKeys::new(hsm);
+    match crate::appliance::audit::verify_dir(&p.dir.join("audit"), &keys, None, None) {
+        Ok(r) => println!(
+            "intact: {} lines, {} signed checkpoints, last seq {}",
+            r.lines, r.checkpoints, r.last_seq
+        ),
+        Err(f) => return Err(DemoError::Step(format!("audit trail does not verify: {f}"))),
+    }
+    println!("\n(total {:.1} s; state kept in {})", started.elapsed().as_secs_f64(), p.dir.display());
+    Ok(())
+}
+
+async fn flows(p: &Prepared) -> Result<(), DemoError> {
+    step(3, "the appliance: mTLS gRPC on a free loopback port");
+    let config = Config::load(&p.config)?;
+    let running = server::start(config).await?;
+    let addr = running.addr.to_string();
+    println!("listening on {addr}; client certificate required");
+
+    let admin = Clients::new(client::connect(&addr, &ClientTls::dev(&p.pki, "admin")).await?);
+    let hub = Clients::new(client::connect(&addr, &ClientTls::dev(&p.pki, "hub")).await?);
+    let auditor = Clients::new(client::connect(&addr, &ClientTls::dev(&p.pki, "auditor")).await?);
+
+    step(4, "KeyService.ListKeys as the admin client (metadata and KCVs, never key material)");
+    let list = admin.keys.clone().list_keys(ListKeysRequest::default()).await?.into_inner();
+    for k in &list.keys {
+        println!("  {:<20} v{}  {:<5} {:<12} KCV {}", k.name, k.version, k.class, k.algorithm, k.kcv);
+    }
+    let ping = admin.admin.clone().ping(PingRequest { payload: b"hello".to_vec() }).await?.into_inner();
+    println!("Ping: boot epoch {}", ping.boot_epoch);
+
+    step(5, "DataService as the hub: AES-256-GCM with associated data");
+    let aad = b"hub/customer-record/42".to_vec();
+    let enc = hub
+        .data
+        .clone()
+        .encrypt(EncryptRequest { key_name: "data".into(), plaintext: b"account 6222 0000 0000 0042".to_vec(), aad: aad.clone() })
+        .await?
+        .into_inner();
+    let kr = enc.key.clone().unwrap_or_default();
+    println!("Encrypt -> {} bytes under {}/v{}", enc.ciphertext.len(), kr.name, kr.version);
+    let dec = hub
+        .data
+        .clone()
+        .decrypt(DecryptRequest { key_name: "data".into(), ciphertext: enc.ciphertext.clone(), aad: aad.clone() })
+        .await?
+        .into_inner();
+    if dec.plaintext != b"account 6222 0000 0000 0042" {
+        return Err(DemoError::Step("decrypt returned other data".into()));
+    }
+    println!("Decrypt -> the same {} bytes", dec.plaintext.len());
+    match hub
+        .data
+        .clone()
+        .decrypt(DecryptRequest { key_name: "data".into(), ciphertext: enc.ciphertext.clone(), aad: b"another record".to_vec() })
+        .await
+    {
+        Err(s) if s.code() == Code::InvalidArgument => println!("Decrypt with other aad -> {:?}: {}", s.code(), s.message()),
+        other => return Err(DemoError::Step(format!("decrypt with wrong aad: {other:?}"))),
+    }
+    let info = hub.keys.clone().get_key(GetKeyRequest { name: "data".into(), version: 0 }).await?.into_inner();
+    println!("GetKey data -> v{} class {} KCV {}", info.version, info.class, info.kcv);
+
+    step(6, "refused calls (deny by default)");
+    match auditor
+        .data
+        .clone()
+        .encrypt(EncryptRequest { key_name: "data".into(), plaintext: b"x".to_vec(), aad: b"y".to_vec() })
+        .await
+    {
+        Err(s) if s.code() == Code::PermissionDenied => println!("auditor -> DataService.Encrypt: {:?}: {}", s.code(), s.message()),
+        other => return Err(DemoError::Step(format!("auditor encrypt should be refused: {other:?}"))),
+    }
+    match hub
+        .data
+        .clone()
+        .encrypt(EncryptRequest { key_name: "binding".into(), plaintext: b"x".to_vec(), aad: b"y".to_vec() })
+        .await
+    {
+        Err(s) if s.code() == Code::PermissionDenied => println!("hub -> Encrypt with key `binding`: {:?}: {}", s.code(), s.message()),
+        other => return Err(DemoError::Step(format!("hub using binding should be refused: {other:?}"))),
+    }
+    match admin
+        .data
+        .clone()
+        .encrypt(EncryptRequest { key_name: "zpk.switch".into(), plaintext: b"x".to_vec(), aad: b"y".to_vec() })
+        .await
+    {
+        Err(s) if s.code() == Code::FailedPrecondition => println!("admin -> Encrypt with PIN key `zpk.switch`: {:?}: {}", s.code(), s.message()),
+        other => return Err(DemoError::Step(format!("PIN key used for data should be refused: {other:?}"))),
+    }
+    drop((admin, hub, auditor));
+    running.shutdown().await?;
+    println!("appliance stopped cleanly (final audit checkpoint written)");
+    Ok(())
+}

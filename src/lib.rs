@@ -1,0 +1,98 @@
+#![forbid(unsafe_code)]
+//! keyward: a payment security appliance whose keys live in a PKCS#11 token.
+//!
+//! Layers: [`hsm`] (the only cryptoki user) -> [`appliance`] (gRPC services, auth,
+//! audit) -> the command-line tools ([`ceremony`], [`bench`], [`demo`]).
+
+pub mod appliance;
+pub mod bench;
+pub mod ceremony;
+pub mod client;
+pub mod config;
+pub mod crypto;
+pub mod demo;
+pub mod hsm;
+pub mod pki;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+/// Generated gRPC types and services (`proto/keyward/v1`).
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("keyward.v1");
+    /// Encoded descriptors for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keyward_descriptor");
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+/// `keyward audit verify`: 0 intact, 1 tampered, 2 could not check.
+pub fn audit_verify(
+    dir: &Path,
+    public_key: Option<&Path>,
+    checkpoints: Option<&Path>,
+    token: &ceremony::TokenArgs,
+) -> ExitCode {
+    let pk_der = match public_key {
+        Some(p) => match std::fs::read(p)
+            .map_err(|e| e.to_string())
+            .and_then(|pem| openssl::pkey::PKey::public_key_from_pem(&pem).map_err(|e| e.to_string()))
+            .and_then(|k| k.public_key_to_der().map_err(|e| e.to_string()))
+        {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("--public-key {}: {e}", p.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    let mut args = token.clone();
+    if args.audit_dir.is_none() {
+        args.audit_dir = Some(dir.to_path_buf());
+    }
+    let hsm = match ceremony::open_token_only(&args) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("keyward audit verify: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let keys = appliance::audit_keys::TokenAuditKeys::new(hsm);
+    match appliance::audit::verify_dir(dir, &keys, pk_der.as_deref(), checkpoints) {
+        Ok(report) => {
+            println!(
+                "intact: {} line(s) in {} file(s), {} signed checkpoint(s) ({} in the shipped copy), last seq {}, head {}",
+                report.lines,
+                report.files.len(),
+                report.checkpoints,
+                report.shipped_checkpoints,
+                report.last_seq,
+                report.head
+            );
+            if let Some(t) = report.torn_tail {
+                println!("note: {t}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            println!("TAMPERED: {failure}");
+            ExitCode::from(1)
+        }
+    }
+}
