@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::SecretString;
@@ -196,7 +197,7 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Client identity (first SAN URI, else subject CN) -> role name.
     pub clients: BTreeMap<String, String>,
-    pub roles: BTreeMap<String, Role>,
+    pub roles: BTreeMap<String, Arc<Role>>,
 }
 
 /// Expands `${VAR}` and `${VAR:-default}`.
@@ -376,11 +377,11 @@ impl Config {
             }
             roles.insert(
                 name.clone(),
-                Role {
+                Arc::new(Role {
                     name: name.clone(),
                     rpcs: r.rpcs.iter().map(|p| p.trim_start_matches('/').to_string()).collect(),
                     keys: r.keys.clone(),
-                },
+                }),
             );
         }
         for (client, role) in &raw.clients {
@@ -415,7 +416,7 @@ impl Config {
     }
 
     /// The role of a client identity, if the config names it.
-    pub fn role_of(&self, identity: &str) -> Option<&Role> {
+    pub fn role_of(&self, identity: &str) -> Option<&Arc<Role>> {
         self.clients.get(identity).and_then(|r| self.roles.get(r))
     }
 }

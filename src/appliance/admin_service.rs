@@ -20,11 +20,14 @@ impl AdminService for AdminSvc {
     async fn reload_keys(&self, req: Request<ReloadKeysRequest>) -> Result<Response<ReloadKeysResponse>, Status> {
         let caller = Caller::of(&req)?;
         let hsm = self.state.hsm.clone();
-        let r = match tokio::task::spawn_blocking(move || hsm.reload()).await {
-            Ok(Ok(n)) => Ok(ReloadKeysResponse { keys_loaded: n as u32 }),
-            Ok(Err(e)) => Err(Error::from(e)),
-            Err(e) => Err(Error::Internal(e.to_string())),
+        let reload = async move {
+            match tokio::task::spawn_blocking(move || hsm.reload()).await {
+                Ok(Ok(n)) => Ok(ReloadKeysResponse { keys_loaded: n as u32 }),
+                Ok(Err(e)) => Err(Error::from(e)),
+                Err(e) => Err(Error::Internal(e.to_string())),
+            }
         };
+        let r = self.state.within_deadline(&caller, reload).await;
         self.state.finish(&caller, Note::default(), r).await
     }
 

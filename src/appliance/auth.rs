@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use openssl::nid::Nid;
@@ -20,6 +20,24 @@ use tower::{Layer, Service};
 use super::audit::AuditEvent;
 use super::error::code_name;
 use super::{AppState, Caller};
+
+/// Parses a gRPC `grpc-timeout` header value ("100m", "5S", at most 8 digits).
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
 
 /// Identity of a DER certificate: its first SAN URI, else its subject CN.
 pub fn identity_of(der: &[u8]) -> Option<String> {
@@ -113,7 +131,11 @@ impl AuthLayer {
                 request_id,
             ));
         }
-        Ok(Caller { identity, role: Arc::new(role.clone()), rpc, request_id, started })
+        let mut budget = self.state.config.limits.deadline;
+        if let Some(client) = req.headers().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout) {
+            budget = budget.min(client);
+        }
+        Ok(Caller { identity, role: Arc::clone(role), rpc, request_id, started, deadline: started + budget })
     }
 }
 
@@ -187,5 +209,36 @@ where
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("10x"), None);
+    }
+
+    #[test]
+    fn identity_prefers_san_uri_then_cn() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = crate::pki::write_dev_pki(dir.path(), &["hub".to_string()], &crate::pki::DevPkiOptions::default())
+            .expect("dev pki");
+        let pem = std::fs::read(&pki.clients[0].1).expect("client cert");
+        let der = X509::from_pem(&pem).and_then(|c| c.to_der()).expect("der");
+        assert_eq!(identity_of(&der).as_deref(), Some("spiffe://keyward/client/hub"));
+        // The server certificate has DNS/IP SANs but no URI: its CN is the identity.
+        let pem = std::fs::read(&pki.server_cert).expect("server cert");
+        let der = X509::from_pem(&pem).and_then(|c| c.to_der()).expect("der");
+        assert_eq!(identity_of(&der).as_deref(), Some("localhost"));
+        assert_eq!(identity_of(b"not a certificate"), None);
     }
 }

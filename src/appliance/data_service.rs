@@ -109,14 +109,14 @@ impl DataService for DataSvc {
     async fn encrypt(&self, req: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
         let caller = Caller::of(&req)?;
         let mut note = Note::default();
-        let r = self.encrypt_inner(&caller, &mut note, req.into_inner()).await;
+        let r = self.state.within_deadline(&caller, self.encrypt_inner(&caller, &mut note, req.into_inner())).await;
         self.state.finish(&caller, note, r).await
     }
 
     async fn decrypt(&self, req: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
         let caller = Caller::of(&req)?;
         let mut note = Note::default();
-        let r = self.decrypt_inner(&caller, &mut note, req.into_inner()).await;
+        let r = self.state.within_deadline(&caller, self.decrypt_inner(&caller, &mut note, req.into_inner())).await;
         self.state.finish(&caller, note, r).await
     }
 }

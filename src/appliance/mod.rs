@@ -40,6 +40,8 @@ pub struct Caller {
     pub rpc: String,
     pub request_id: String,
     pub started: Instant,
+    /// The call's deadline: the configured one, or the client's grpc-timeout if sooner.
+    pub deadline: Instant,
 }
 
 impl Caller {
@@ -71,6 +73,20 @@ pub struct Note {
 }
 
 impl AppState {
+    /// Runs a handler body within the caller's deadline; past it the call fails with
+    /// DEADLINE_EXCEEDED (and is audited as such). A token operation already started
+    /// finishes on its blocking thread; its result is dropped.
+    pub async fn within_deadline<T>(
+        &self,
+        caller: &Caller,
+        fut: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        match tokio::time::timeout_at(caller.deadline.into(), fut).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::DeadlineExceeded),
+        }
+    }
+
     /// Writes the call's audit line, then answers. If the line cannot be written the
     /// call fails with UNAVAILABLE, whatever its result (the trail fails closed).
     pub async fn finish<T>(&self, caller: &Caller, note: Note, result: Result<T, Error>) -> Result<Response<T>, Status> {

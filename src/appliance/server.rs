@@ -122,7 +122,8 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
 
     let router = Server::builder()
         .tls_config(tls)?
-        .timeout(config.limits.deadline)
+        // Backstop only: handlers enforce the deadline themselves so the call is audited.
+        .timeout(config.limits.deadline + Duration::from_secs(1))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(config.limits.concurrency))
         .layer(AuthLayer::new(Arc::clone(&state)))
         .add_service(health_svc)

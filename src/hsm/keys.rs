@@ -835,3 +835,53 @@ pub(crate) fn load(session: &Session, previous: Option<&Catalogue>, copies: bool
     }
     Ok(cat)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_class_both_wraps_and_decrypts_or_extracts() {
+        for class in KeyClass::ALL {
+            for alg in Algorithm::ALL {
+                if let Some(u) = class.usage(alg) {
+                    assert!(!(u.wrap && u.decrypt), "{class} {alg}: wrap+decrypt would let wrapped keys be read");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn classes_accept_only_their_algorithms() {
+        assert!(KeyClass::D0.usage(Algorithm::Tdes2).is_none());
+        assert!(KeyClass::S0.usage(Algorithm::Aes256).is_none());
+        assert!(KeyClass::M7.usage(Algorithm::Aes128).is_none());
+        assert!(KeyClass::B0.usage(Algorithm::Des).is_none());
+        let d0 = KeyClass::D0.usage(Algorithm::Aes256).unwrap_or(Usage::NONE);
+        assert!(d0.encrypt && d0.decrypt && d0.sign && !d0.wrap && !d0.unwrap && !d0.derive && !d0.verify);
+    }
+
+    #[test]
+    fn widened_flags_are_named() {
+        let allowed = Usage { encrypt: true, ..Usage::NONE };
+        let actual = Usage { encrypt: true, decrypt: true, wrap: true, ..Usage::NONE };
+        assert_eq!(actual.widened_beyond(allowed), vec!["DECRYPT", "WRAP"]);
+        let flags = KeyFlags { sensitive: true, extractable: false, private: true, modifiable: true, usage: actual };
+        let p = flag_problems(&flags, allowed).unwrap_or_default();
+        assert!(p.contains("DECRYPT") && p.contains("WRAP"), "{p}");
+        let ok = KeyFlags { usage: allowed, ..flags };
+        assert!(flag_problems(&ok, allowed).is_none());
+    }
+
+    #[test]
+    fn names_and_labels() {
+        assert_eq!(label("zpk.bank-a", 3), "kw/zpk.bank-a/v3");
+        assert!(validate_name("zpk.bank-a").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name(".x").is_err());
+        assert!(validate_name("Data").is_err());
+        assert!(validate_name(&"a".repeat(65)).is_err());
+        assert_eq!("hmac-sha256".parse::<Algorithm>(), Ok(Algorithm::HmacSha256));
+        assert_eq!("bind".parse::<KeyClass>(), Ok(KeyClass::Bind));
+    }
+}

@@ -325,7 +325,7 @@ impl Hsm {
             tracing::error!(key = %label, %reason, "key refused at reload");
         }
         *self.inner.catalogue.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cat);
-        tracing::info!(keys = n, "key catalogue reloaded");
+        tracing::debug!(keys = n, "key catalogue reloaded");
         Ok(n)
     }
 
