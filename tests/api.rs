@@ -1,0 +1,219 @@
+//! The gRPC surface over real mTLS: client certificates refused (none, foreign CA,
+//! expired), authorisation by role and key, input validation that names the field and
+//! never answers INTERNAL, and the standard health service.
+
+mod common;
+
+use common::*;
+use keyward::client::{self, ClientTls, Clients};
+use keyward::proto::{DecryptRequest, EncryptRequest, GetKeyRequest, ListKeysRequest, PingRequest, ReloadKeysRequest};
+use time::{Duration as TimeDuration, OffsetDateTime};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+fn enc(key: &str, pt: &[u8], aad: &[u8]) -> EncryptRequest {
+    EncryptRequest { key_name: key.into(), plaintext: pt.to_vec(), aad: aad.to_vec() }
+}
+
+fn dec(key: &str, ct: &[u8], aad: &[u8]) -> DecryptRequest {
+    DecryptRequest { key_name: key.into(), ciphertext: ct.to_vec(), aad: aad.to_vec() }
+}
+
+/// A client with these certificates must not get an answer: either the connection
+/// fails or (TLS 1.3: the server checks the client certificate after the client
+/// considers the handshake done) the first RPC does.
+async fn assert_refused(addr: &str, tls: &ClientTls, what: &str) {
+    let ch = match client::connect(addr, tls).await {
+        Err(_) => return,
+        Ok(ch) => ch,
+    };
+    let c = Clients::new(ch);
+    match c.admin.clone().ping(PingRequest { payload: b"hi".to_vec() }).await {
+        Ok(r) => panic!("{what}: the appliance answered Ping: {:?}", r.get_ref()),
+        Err(s) => assert_ne!(s.code(), Code::Ok, "{what}"),
+    }
+    let r = c.data.clone().encrypt(enc("data", b"x", b"y")).await;
+    assert!(r.is_err(), "{what}: the appliance answered Encrypt");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_refuses_missing_foreign_and_expired_client_certificates() {
+    let fx = fixture();
+    let pki = &fx.prepared.pki;
+    let srv = start("mtls").await;
+
+    let none = ClientTls { ca: pki.join("ca.crt"), cert: None, key: None, server_name: "localhost".into() };
+    assert_refused(&srv.addr, &none, "no client certificate").await;
+
+    let (fcert, fkey) = keyward::pki::write_foreign_client(pki, "mallory").expect("foreign client");
+    let foreign = ClientTls { ca: pki.join("ca.crt"), cert: Some(fcert), key: Some(fkey), server_name: "localhost".into() };
+    assert_refused(&srv.addr, &foreign, "client certificate from a foreign CA").await;
+
+    let now = OffsetDateTime::now_utc();
+    let (ecert, ekey) = keyward::pki::issue_client(pki, "hub-expired", now - TimeDuration::days(10), now - TimeDuration::days(1))
+        .expect("expired client");
+    let expired = ClientTls { ca: pki.join("ca.crt"), cert: Some(ecert), key: Some(ekey), server_name: "localhost".into() };
+    assert_refused(&srv.addr, &expired, "expired client certificate").await;
+
+    // The server still serves a good client afterwards.
+    let admin = srv.clients("admin").await;
+    admin.admin.clone().ping(PingRequest { payload: b"ok".to_vec() }).await.expect("a valid client is served");
+    // None of the refused clients reached the request path: no audit line names them.
+    let dir = srv.audit_dir.clone();
+    let lines = rpc_lines(&dir);
+    srv.stop().await;
+    let lines_after = rpc_lines(&dir);
+    assert!(lines_after.len() >= lines.len());
+    for l in &lines_after {
+        let client = l["client"].as_str().unwrap_or_default();
+        assert!(!client.contains("mallory") && !client.contains("hub-expired"), "a refused client got an audit line: {l}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorisation_by_role_and_key() {
+    let fx = fixture();
+    let pki = &fx.prepared.pki;
+    let srv = start("authz").await;
+
+    let auditor = srv.clients("auditor").await;
+    expect_code(auditor.data.clone().encrypt(enc("data", b"x", b"y")).await, Code::PermissionDenied, &[], "auditor -> Encrypt");
+    // ...but what its role allows works.
+    auditor.keys.clone().list_keys(ListKeysRequest::default()).await.expect("auditor ListKeys");
+
+    // A certificate from our CA whose identity is not in [clients].
+    let now = OffsetDateTime::now_utc();
+    let (scert, skey) = keyward::pki::issue_client(pki, "stranger", now - TimeDuration::days(1), now + TimeDuration::days(1))
+        .expect("issue stranger");
+    let tls = ClientTls { ca: pki.join("ca.crt"), cert: Some(scert), key: Some(skey), server_name: "localhost".into() };
+    let stranger = Clients::new(client::connect(&srv.addr, &tls).await.expect("a valid certificate connects"));
+    expect_code(stranger.admin.clone().ping(PingRequest::default()).await, Code::PermissionDenied, &[], "stranger -> Ping");
+    expect_code(stranger.data.clone().encrypt(enc("data", b"x", b"y")).await, Code::PermissionDenied, &[], "stranger -> Encrypt");
+
+    let hub = srv.clients("hub").await;
+    expect_code(hub.data.clone().encrypt(enc("binding", b"x", b"y")).await, Code::PermissionDenied, &[], "hub -> Encrypt(binding)");
+    expect_code(
+        hub.keys.clone().get_key(GetKeyRequest { name: "binding".into(), version: 0 }).await,
+        Code::PermissionDenied,
+        &[],
+        "hub -> GetKey(binding)",
+    );
+    expect_code(hub.admin.clone().reload_keys(ReloadKeysRequest {}).await, Code::PermissionDenied, &[], "hub -> ReloadKeys");
+    hub.data.clone().encrypt(enc("data", b"x", b"y")).await.expect("hub -> Encrypt(data)");
+
+    let bench = srv.clients("bench").await;
+    expect_code(bench.keys.clone().list_keys(ListKeysRequest::default()).await, Code::PermissionDenied, &[], "bench -> ListKeys");
+    let dir = srv.audit_dir.clone();
+    srv.stop().await;
+
+    // Every refusal was audited as denied.
+    let denied = rpc_lines(&dir).into_iter().filter(|l| l["outcome"] == "denied").count();
+    assert_eq!(denied, 7, "denied calls in the audit trail");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_names_the_field_and_is_never_internal() {
+    let srv = start("input").await;
+    let max = srv.state.config.limits.max_message_bytes;
+    let admin = srv.clients("admin").await;
+    let hub = srv.clients("hub").await;
+    let mut data = hub.data.clone();
+
+    expect_code(data.encrypt(enc("data", b"pt", b"")).await, Code::InvalidArgument, &["aad"], "empty aad (encrypt)");
+    let good = data.encrypt(enc("data", b"payload", b"aad")).await.expect("encrypt").into_inner();
+    let ct = good.ciphertext.clone();
+    expect_code(data.decrypt(dec("data", &ct, b"")).await, Code::InvalidArgument, &["aad"], "empty aad (decrypt)");
+
+    // Just above the plaintext limit, below the message limit.
+    let big = vec![0x5Au8; max - 4096 + 1];
+    expect_code(data.encrypt(enc("data", &big, b"aad")).await, Code::InvalidArgument, &["plaintext"], "oversized plaintext");
+    // At the limit it is accepted.
+    let at_limit = vec![0x5Au8; max - 4096];
+    data.encrypt(enc("data", &at_limit, b"aad")).await.expect("plaintext at the limit");
+
+    expect_code(admin.data.clone().encrypt(enc("nosuch", b"x", b"y")).await, Code::NotFound, &["nosuch"], "unknown key");
+    expect_code(
+        admin.data.clone().decrypt(dec("nosuch", &ct, b"aad")).await,
+        Code::NotFound,
+        &["nosuch"],
+        "unknown key (decrypt)",
+    );
+    for bad in ["Data", "data!", "../data", "da ta", ".data", &"d".repeat(65)] {
+        expect_code(admin.data.clone().encrypt(enc(bad, b"x", b"y")).await, Code::InvalidArgument, &["key_name"], &format!("key name {bad:?}"));
+    }
+    expect_code(data.encrypt(enc("", b"x", b"y")).await, Code::InvalidArgument, &["key_name"], "empty key_name");
+    expect_code(data.decrypt(dec("", &ct, b"aad")).await, Code::InvalidArgument, &["key_name"], "empty key_name (decrypt)");
+
+    // Malformed ciphertexts.
+    expect_code(data.decrypt(dec("data", &ct[..10], b"aad")).await, Code::InvalidArgument, &["ciphertext"], "too short");
+    expect_code(data.decrypt(dec("data", &[], b"aad")).await, Code::InvalidArgument, &["ciphertext"], "empty ciphertext");
+    expect_code(data.decrypt(dec("data", &ct[..17 + 15], b"aad")).await, Code::InvalidArgument, &["ciphertext"], "shorter than a tag");
+    let mut wrong_format = ct.clone();
+    wrong_format[0] = 2;
+    expect_code(data.decrypt(dec("data", &wrong_format, b"aad")).await, Code::InvalidArgument, &["ciphertext"], "wrong format byte");
+    let mut v0 = ct.clone();
+    v0[1..5].copy_from_slice(&0u32.to_be_bytes());
+    expect_code(data.decrypt(dec("data", &v0, b"aad")).await, Code::InvalidArgument, &["ciphertext"], "version 0");
+    let mut v99 = ct.clone();
+    v99[1..5].copy_from_slice(&99u32.to_be_bytes());
+    expect_code(data.decrypt(dec("data", &v99, b"aad")).await, Code::NotFound, &["99"], "unknown key version");
+
+    // Tampering anywhere: IV, body, tag.
+    for (i, what) in [(5usize, "IV"), (17, "ciphertext body"), (ct.len() - 1, "tag")] {
+        let mut t = ct.clone();
+        t[i] ^= 0x01;
+        let s = expect_code(data.decrypt(dec("data", &t, b"aad")).await, Code::InvalidArgument, &[], &format!("flipped bit in the {what}"));
+        assert!(s.message().contains("ciphertext"), "{what}: {:?}", s.message());
+    }
+    expect_code(data.decrypt(dec("data", &ct, b"other aad")).await, Code::InvalidArgument, &["ciphertext"], "wrong aad");
+
+    // KeyService / AdminService inputs.
+    expect_code(admin.keys.clone().get_key(GetKeyRequest { name: String::new(), version: 0 }).await, Code::InvalidArgument, &["name"], "GetKey empty name");
+    expect_code(admin.keys.clone().get_key(GetKeyRequest { name: "BAD".into(), version: 0 }).await, Code::InvalidArgument, &["name"], "GetKey bad name");
+    expect_code(admin.keys.clone().get_key(GetKeyRequest { name: "data".into(), version: 99 }).await, Code::NotFound, &[], "GetKey v99");
+    expect_code(admin.keys.clone().list_keys(ListKeysRequest { name_prefix: "x".repeat(65) }).await, Code::InvalidArgument, &["name_prefix"], "long prefix");
+    expect_code(
+        admin.admin.clone().ping(PingRequest { payload: vec![0; 64 * 1024 + 1] }).await,
+        Code::InvalidArgument,
+        &["payload"],
+        "ping payload",
+    );
+
+    // The good ciphertext still decrypts (nothing above disturbed the appliance).
+    let back = data.decrypt(dec("data", &ct, b"aad")).await.expect("decrypt").into_inner();
+    assert_eq!(back.plaintext, b"payload");
+    assert_eq!(back.key.map(|k| (k.name, k.version)), Some(("data".to_string(), 1)));
+    let dir = srv.audit_dir.clone();
+    srv.stop().await;
+
+    // No call of this test was answered INTERNAL, as the trail records it.
+    let lines = rpc_lines(&dir);
+    assert!(lines.len() > 30);
+    assert!(!lines.iter().any(|l| l["code"] == "INTERNAL"), "INTERNAL in the trail");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_service_reports_serving() {
+    let srv = start("health").await;
+    let mut health = HealthClient::new(srv.channel("admin").await);
+    for service in ["", "keyward.v1.DataService", "keyward.v1.KeyService", "keyward.v1.AdminService"] {
+        let ok = eventually(5, || {
+            let mut h = health.clone();
+            async move {
+                matches!(h.check(HealthCheckRequest { service: service.into() }).await,
+                    Ok(r) if r.get_ref().status == ServingStatus::Serving as i32)
+            }
+        })
+        .await;
+        assert!(ok, "health of {service:?} is not SERVING");
+    }
+    let s = err_of(health.check(HealthCheckRequest { service: "no.such.Service".into() }).await, "unknown service");
+    assert_eq!(s.code(), Code::NotFound);
+    // The hub's role allows health too; health probes need no key.
+    let mut hub_health = HealthClient::new(srv.channel("hub").await);
+    let r = hub_health.check(HealthCheckRequest { service: String::new() }).await.expect("hub health").into_inner();
+    assert_eq!(r.status, ServingStatus::Serving as i32);
+    srv.stop().await;
+}

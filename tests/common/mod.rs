@@ -1,0 +1,304 @@
+//! Shared harness of the integration tests: one SoftHSM token per test binary (SoftHSM
+//! reads SOFTHSM2_CONF once per process), made by `keyward::demo::prepare` and
+//! `ceremony_init`, and one real appliance per test on 127.0.0.1:0 with its own audit
+//! directory, reached over real mTLS with the development PKI.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use keyward::appliance::server::{self, Running};
+use keyward::appliance::AppState;
+use keyward::ceremony::{self, Ceremony, ProfileKey, TokenArgs};
+use keyward::client::{self, ClientTls, Clients};
+use keyward::config::Config;
+use keyward::demo::Prepared;
+use keyward::hsm::{Hsm, KeyMeta};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+/// The token and PKI of this test binary.
+pub struct Fixture {
+    pub prepared: Prepared,
+    /// The profile `ceremony init` ran with.
+    pub profile: Vec<ProfileKey>,
+    /// What `ceremony init` reported.
+    pub init_keys: Vec<KeyMeta>,
+}
+
+static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+
+/// Serialises every test step that creates or changes token objects (and server
+/// start-up, which copies keys into session objects): SoftHSM 2.6.1 races on object
+/// creation and search across the several `Hsm` instances of one process.
+pub static TOKEN_WRITE: Mutex<()> = Mutex::new(());
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Takes [`TOKEN_WRITE`] (a test that panicked while holding it does not poison the others).
+pub fn token_write() -> MutexGuard<'static, ()> {
+    TOKEN_WRITE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Name of this test binary without cargo's hash suffix ("keys", "api", ...).
+fn binary_name() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .map(|s| s.split('-').next().unwrap_or("tests").to_string())
+        .unwrap_or_else(|| "tests".into())
+}
+
+/// Removes state directories of earlier test processes that are gone.
+fn remove_stale_state() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("keyward-test-") else { continue };
+        let Some(pid) = rest.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// The binary's token, PKI and config, made on first use.
+pub fn fixture() -> &'static Fixture {
+    FIXTURE.get_or_init(|| {
+        remove_stale_state();
+        let dir = std::env::temp_dir().join(format!("keyward-test-{}-{}", binary_name(), std::process::id()));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).expect("remove an old state directory");
+        }
+        let prepared = keyward::demo::prepare(&dir, Path::new("pkcs11-config/appliance.toml"), "127.0.0.1:0")
+            .expect("demo::prepare (softhsm-setup, dev PKI, config)");
+        let init_keys = keyward::demo::ceremony_init(&prepared, Path::new("pkcs11-config/key-profile.toml"))
+            .expect("ceremony init");
+        let profile = ceremony::read_profile(&keyward::demo::repo_file(Path::new("pkcs11-config/key-profile.toml")))
+            .expect("read the key profile");
+        Fixture { prepared, profile, init_keys }
+    })
+}
+
+/// A fresh, unique directory inside the state directory.
+pub fn fresh_dir(tag: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let d = fixture().prepared.dir.join("t").join(format!("{tag}-{n}"));
+    std::fs::create_dir_all(&d).expect("create a test directory");
+    d
+}
+
+/// The instantiated config with a fresh audit directory of its own.
+pub fn test_config(tag: &str) -> (Config, PathBuf) {
+    let fx = fixture();
+    let mut config = Config::load(&fx.prepared.config).expect("the prepared config loads");
+    let audit_dir = fresh_dir(tag).join("audit");
+    config.audit.dir = audit_dir.clone();
+    (config, audit_dir)
+}
+
+/// One running appliance of one test.
+pub struct TestServer {
+    running: Option<Running>,
+    pub addr: String,
+    pub audit_dir: PathBuf,
+    pub state: Arc<AppState>,
+    pub hsm: Hsm,
+}
+
+/// Starts an appliance with the binary's config and a fresh audit directory.
+pub async fn start(tag: &str) -> TestServer {
+    start_with(tag, |_| {}).await
+}
+
+/// As [`start`], after `edit` changed the config.
+pub async fn start_with(tag: &str, edit: impl FnOnce(&mut Config)) -> TestServer {
+    let (mut config, _) = test_config(tag);
+    edit(&mut config);
+    let audit_dir = config.audit.dir.clone();
+    let running = {
+        let _g = token_write();
+        let running = server::start(config).await.expect("the appliance starts");
+        first_use_locked(&running.state.hsm, "data").await;
+        running
+    };
+    TestServer {
+        addr: running.addr.to_string(),
+        audit_dir,
+        state: Arc::clone(&running.state),
+        hsm: running.state.hsm.clone(),
+        running: Some(running),
+    }
+}
+
+impl TestServer {
+    /// A channel authenticated as one of the dev-PKI clients.
+    pub async fn channel(&self, who: &str) -> Channel {
+        client::connect(&self.addr, &ClientTls::dev(&fixture().prepared.pki, who))
+            .await
+            .unwrap_or_else(|e| panic!("connect as {who}: {e}"))
+    }
+
+    /// The three keyward clients as `who`.
+    pub async fn clients(&self, who: &str) -> Clients {
+        Clients::new(self.channel(who).await)
+    }
+
+    /// Graceful shutdown (final audit checkpoint); must succeed.
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await.expect("clean shutdown");
+        }
+    }
+}
+
+/// Makes the first AES-GCM use of `key`'s active version on this instance, directly on
+/// the token (no RPC, no audit line), while holding [`TOKEN_WRITE`].
+///
+/// The first encryption under a key version on an appliance instance writes that
+/// version's GCM reservation object into the token. With several appliances in one
+/// process those writes race in SoftHSM 2.6.1 (keyward serialises object creation per
+/// `Hsm` instance only), so tests make that first use here, serialised with every other
+/// token write, before calling the RPCs they assert on.
+pub async fn first_use(hsm: &Hsm, key: &str) {
+    let _g = token_write();
+    first_use_locked(hsm, key).await;
+}
+
+async fn first_use_locked(hsm: &Hsm, key: &str) {
+    let entry = hsm
+        .catalogue()
+        .for_new(key, &[keyward::hsm::KeyClass::D0])
+        .unwrap_or_else(|e| panic!("first use of {key}: {e}"));
+    hsm.gcm_encrypt(&entry, b"keyward-test/first-use".to_vec(), b"x".to_vec())
+        .await
+        .unwrap_or_else(|e| panic!("first use of {key}: {e}"));
+}
+
+/// Opens a ceremony on the binary's token (hold [`TOKEN_WRITE`] while it writes).
+pub fn ceremony() -> Ceremony {
+    Ceremony::open(&token_args()).expect("Ceremony::open")
+}
+
+pub fn token_args() -> TokenArgs {
+    TokenArgs {
+        config: Some(fixture().prepared.config.clone()),
+        module: PathBuf::new(),
+        token_label: String::new(),
+        audit_dir: None,
+    }
+}
+
+/// The `keyward` binary with this binary's SOFTHSM2_CONF.
+pub fn keyward_cli() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
+    for (k, v) in &fixture().prepared.exports {
+        if k == "SOFTHSM2_CONF" {
+            cmd.env(k, v);
+        }
+    }
+    cmd.env("KEYWARD_LOG", "warn");
+    cmd
+}
+
+/// Runs the CLI with `stdin` as its standard input.
+pub fn run_cli(mut cmd: Command, stdin: &[u8]) -> Output {
+    use std::io::Write;
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn the keyward binary");
+    if let Some(mut s) = child.stdin.take() {
+        s.write_all(stdin).expect("write stdin");
+    }
+    child.wait_with_output().expect("wait for the keyward binary")
+}
+
+/// The daily audit files of a directory, in name order.
+pub fn audit_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    n.starts_with("audit.") && n.ends_with(".jsonl")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Every line of the trail, parsed, in order.
+pub fn audit_lines(dir: &Path) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for f in audit_files(dir) {
+        let text = std::fs::read_to_string(&f).expect("read an audit file");
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            out.push(serde_json::from_str(line).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {line}")));
+        }
+    }
+    out
+}
+
+/// The `rpc` lines of the trail.
+pub fn rpc_lines(dir: &Path) -> Vec<serde_json::Value> {
+    audit_lines(dir).into_iter().filter(|l| l["kind"] == "rpc").collect()
+}
+
+/// Verifies a trail with the token's audit keys.
+pub fn verify_trail(dir: &Path, hsm: &Hsm) -> keyward::appliance::audit::VerifyReport {
+    let keys = keyward::appliance::audit_keys::TokenAuditKeys::new(hsm.clone());
+    keyward::appliance::audit::verify_dir(dir, &keys, None, None)
+        .unwrap_or_else(|f| panic!("audit trail {} does not verify: {f}", dir.display()))
+}
+
+/// The error of a call that must fail.
+pub fn err_of<T: std::fmt::Debug>(r: Result<tonic::Response<T>, Status>, what: &str) -> Status {
+    match r {
+        Ok(resp) => panic!("{what}: expected an error, got {:?}", resp.get_ref()),
+        Err(s) => s,
+    }
+}
+
+/// Asserts a call failed with `code` and a message containing each of `needles`.
+pub fn expect_code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, Status>, code: Code, needles: &[&str], what: &str) -> Status {
+    let s = err_of(r, what);
+    assert_eq!(s.code(), code, "{what}: wrong code; message {:?}", s.message());
+    for n in needles {
+        assert!(s.message().contains(n), "{what}: message {:?} does not name {n:?}", s.message());
+    }
+    s
+}
+
+/// Polls `f` every 100 ms until it returns true or `secs` pass.
+pub async fn eventually<F, Fut>(secs: u64, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if f().await {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// XOR of two equal-length byte strings.
+pub fn xor(a: &[u8], b: &[u8]) -> Vec<u8> {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| x ^ y).collect()
+}
+
+/// A fixed, random-looking first component of `len` bytes (not secret: test data).
+pub fn component1(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(0x9D).wrapping_add(0x3B) ^ 0xA5).collect()
+}
