@@ -87,7 +87,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            // PKCS#11 calls run on the blocking pool, bounded by hsm.sessions permits;
+            // a small cap keeps the pool from growing threads it cannot use.
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(64).build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("cannot start runtime: {e}");

@@ -395,10 +395,12 @@ pub fn validate_name(name: &str) -> std::result::Result<(), String> {
 }
 
 /// Whether a key is copied into a session object for speed, leaving a modifiable
-/// token original; KEKs, BDKs and audit keys are used in place and created
-/// non-modifiable (SoftHSM cannot copy non-modifiable keys; see DESIGN.md).
+/// token original; KEKs, BDKs and the audit checkpoint key are used in place and
+/// created non-modifiable (SoftHSM cannot copy non-modifiable keys; see DESIGN.md).
+/// The audit chain key signs one HMAC per RPC, so it is a hot-path key: copied
+/// (measured 20 us per HMAC in place against 7 us on a session copy).
 pub fn uses_session_copy(name: &str, class: KeyClass) -> bool {
-    !matches!(class, KeyClass::K0 | KeyClass::B0) && name != "audit" && !name.starts_with("audit.")
+    !matches!(class, KeyClass::K0 | KeyClass::B0) && name != "audit.sign"
 }
 
 /// Counts AES-GCM invocations of one key version against [`GCM_LIMIT`]. The token
@@ -794,9 +796,17 @@ pub(crate) fn load(session: &Session, previous: Option<&Catalogue>, copies: bool
             .filter(|e| e.token_handle == objects.secret_or_private && e.meta.class == meta.class);
         let handle = match (copy, reused) {
             (true, Some(prev)) if prev.handle != prev.token_handle => prev.handle,
-            (true, _) => session
+            (true, _) => match session
                 .copy_object(objects.secret_or_private, &[Attribute::Token(false), Attribute::Modifiable(false)])
-                .map_err(ck("copy_object"))?,
+            {
+                Ok(h) => h,
+                // A token that cannot copy this key (non-modifiable original, or no
+                // C_CopyObject) still serves it, in place: slower, not weaker.
+                Err(e) => {
+                    tracing::warn!(key = %label, error = %e, "session copy refused by the token: key used in place");
+                    objects.secret_or_private
+                }
+            },
             (false, _) => objects.secret_or_private,
         };
         let public_der = match objects.public {
