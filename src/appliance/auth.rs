@@ -133,9 +133,20 @@ impl AuthLayer {
         }
         let mut budget = self.state.config.limits.deadline;
         if let Some(client) = req.headers().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout) {
-            budget = budget.min(client);
+            // Answer a little before the client's own timer (and the transport's) fires,
+            // so the client gets DEADLINE_EXCEEDED rather than a reset stream.
+            let margin = (client / 10).min(Duration::from_millis(5));
+            budget = budget.min(client.saturating_sub(margin));
         }
-        Ok(Caller { identity, role: Arc::clone(role), rpc, request_id, started, deadline: started + budget })
+        Ok(Caller {
+            identity,
+            role: Arc::clone(role),
+            rpc,
+            request_id,
+            started,
+            deadline: started + budget,
+            audited: Arc::default(),
+        })
     }
 }
 
@@ -143,6 +154,7 @@ impl<S> Service<Request<Body>> for AuthService<S>
 where
     S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = S::Error;
@@ -161,9 +173,51 @@ where
         Box::pin(async move {
             match layer.authorise(&req, started) {
                 Ok(caller) if caller.rpc.starts_with("keyward.") => {
-                    // keyward handlers write their own line, with keys and outcome.
+                    // keyward handlers write their own line, with keys and outcome. The
+                    // call runs in its own task: a client that resets the stream (its
+                    // deadline, a cancel) cannot stop a started token operation from
+                    // being audited.
+                    let audited = Arc::clone(&caller.audited);
+                    let fallback = caller.clone();
                     req.extensions_mut().insert(caller);
-                    inner.call(req).await
+                    let state = Arc::clone(&layer.state);
+                    let task = tokio::spawn(async move {
+                        let resp = inner.call(req).await?;
+                        if audited.load(Ordering::Acquire) {
+                            return Ok(resp);
+                        }
+                        // The handler never ran (e.g. the transport refused to decode the
+                        // request): audit the status the client gets.
+                        let code = resp
+                            .headers()
+                            .get("grpc-status")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<i32>().ok())
+                            .map(Code::from_i32)
+                            .unwrap_or(Code::Unknown);
+                        let ev = AuditEvent::rpc(
+                            &fallback.identity,
+                            &fallback.role.name,
+                            &fallback.rpc,
+                            Vec::new(),
+                            if code == Code::Ok { "ok" } else { "error" },
+                            code_name(code),
+                            fallback.started.elapsed().as_micros() as u64,
+                            &fallback.request_id,
+                            Vec::new(),
+                        );
+                        match state.audit.record(ev).await {
+                            Ok(_) => Ok(resp),
+                            Err(_) => Ok(Status::unavailable("audit trail unavailable").into_http()),
+                        }
+                    });
+                    match task.await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(error = %e, "call task failed");
+                            Ok(Status::internal("internal error").into_http())
+                        }
+                    }
                 }
                 Ok(caller) if caller.rpc.starts_with(HEALTH_PREFIX) => {
                     // Health probes use no key and must answer NOT_SERVING while the

@@ -11,6 +11,7 @@ pub mod error;
 pub mod key_service;
 pub mod server;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -42,6 +43,9 @@ pub struct Caller {
     pub started: Instant,
     /// The call's deadline: the configured one, or the client's grpc-timeout if sooner.
     pub deadline: Instant,
+    /// Set once the call's audit line is written (the auth layer audits calls whose
+    /// handler never ran, such as requests the transport refused to decode).
+    pub audited: Arc<AtomicBool>,
 }
 
 impl Caller {
@@ -110,6 +114,7 @@ impl AppState {
             &caller.request_id,
             note.subjects,
         );
+        caller.audited.store(true, Ordering::Release);
         if let Err(e) = self.audit.record(ev).await {
             tracing::error!(error = %e, rpc = %caller.rpc, "audit write failed: refusing the call");
             return Err(Status::unavailable("audit trail unavailable"));

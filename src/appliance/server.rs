@@ -12,7 +12,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use super::admin_service::AdminSvc;
-use super::audit::{AuditOptions, AuditTrail};
+use super::audit::{AuditEvent, AuditOptions, AuditTrail, EventKind};
 use super::auth::AuthLayer;
 use super::data_service::DataSvc;
 use super::key_service::KeySvc;
@@ -137,6 +137,14 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let watcher = tokio::spawn(async move {
         let mut last = None;
         loop {
+            if !watch_state.audit.healthy() {
+                // Nothing else writes while calls are refused: probe, so the trail (and
+                // health) come back as soon as the directory is writable again.
+                let probe = AuditEvent::new(EventKind::Start, "audit.resume")
+                    .with_client("appliance", "system")
+                    .with_detail("audit trail writable again after a failure");
+                let _ = watch_state.audit.record(probe).await;
+            }
             let ok = watch_state.audit.healthy() && watch_state.hsm.is_live();
             if last != Some(ok) {
                 let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };

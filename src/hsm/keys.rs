@@ -410,7 +410,6 @@ pub fn uses_session_copy(name: &str, class: KeyClass) -> bool {
 pub(crate) struct GcmCounter {
     pub(crate) used: AtomicU64,
     pub(crate) reserved: AtomicU64,
-    pub(crate) object: std::sync::Mutex<Vec<ObjectHandle>>,
 }
 
 /// One loaded key version.
@@ -637,6 +636,8 @@ pub(crate) fn read_metadata(session: &Session) -> Result<Vec<(ObjectHandle, Stri
     )?;
     let mut out = Vec::with_capacity(handles.len());
     for h in handles {
+        // A vanished object (replaced by another process) fails the whole read, so
+        // the caller loads again and sees its replacement.
         let attrs = session
             .get_attributes(h, &[AttributeType::Label, AttributeType::Value])
             .map_err(ck("get_attributes"))?;
@@ -669,7 +670,7 @@ pub(crate) fn read_metadata(session: &Session) -> Result<Vec<(ObjectHandle, Stri
 pub(crate) fn write_metadata(session: &Session, old: ObjectHandle, meta: &mut KeyMeta) -> Result<ObjectHandle> {
     meta.rev += 1;
     let h = create_metadata(session, meta)?;
-    session.destroy_object(old).map_err(ck("destroy_object"))?;
+    destroy_if_present(session, old)?;
     Ok(h)
 }
 
@@ -685,8 +686,14 @@ pub(crate) fn read_gcm_reserved(session: &Session, label: &str) -> Result<(Vec<O
         ],
     )?;
     let mut max = 0u64;
+    let mut live = Vec::with_capacity(handles.len());
     for h in &handles {
-        let attrs = session.get_attributes(*h, &[AttributeType::Value]).map_err(ck("get_attributes"))?;
+        let attrs = match session.get_attributes(*h, &[AttributeType::Value]).map_err(ck("get_attributes")) {
+            Ok(a) => a,
+            Err(Error::ObjectVanished(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        live.push(*h);
         for a in attrs {
             if let Attribute::Value(v) = a {
                 if let Ok(b) = <[u8; 8]>::try_from(v.as_slice()) {
@@ -695,12 +702,16 @@ pub(crate) fn read_gcm_reserved(session: &Session, label: &str) -> Result<(Vec<O
             }
         }
     }
-    Ok((handles, max))
+    Ok((live, max))
 }
 
-/// Stores a new GCM reservation for `label`, then destroys the previous objects.
-pub(crate) fn write_gcm_reserved(session: &Session, label: &str, old: &[ObjectHandle], value: u64) -> Result<ObjectHandle> {
-    let h = session
+/// Raises the GCM reservation of `label` to at least `at_least` + one step, above
+/// every reservation in the token (another appliance on the same token may have
+/// reserved more), then destroys the objects it replaces. Returns the new value.
+pub(crate) fn reserve_gcm(session: &Session, label: &str, at_least: u64) -> Result<u64> {
+    let (old, max) = read_gcm_reserved(session, label)?;
+    let value = (at_least.max(max) + GCM_RESERVE_STEP).min(GCM_LIMIT);
+    session
         .create_object(&[
             Attribute::Class(ObjectClass::DATA),
             Attribute::Token(true),
@@ -711,9 +722,17 @@ pub(crate) fn write_gcm_reserved(session: &Session, label: &str, old: &[ObjectHa
         ])
         .map_err(ck("create_object"))?;
     for o in old {
-        session.destroy_object(*o).map_err(ck("destroy_object"))?;
+        destroy_if_present(session, o)?;
     }
-    Ok(h)
+    Ok(value)
+}
+
+/// Destroys an object; one already destroyed (by another process) is fine.
+pub(crate) fn destroy_if_present(session: &Session, h: ObjectHandle) -> Result<()> {
+    match session.destroy_object(h).map_err(ck("destroy_object")) {
+        Ok(()) | Err(Error::ObjectVanished(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 pub(crate) fn create_metadata(session: &Session, meta: &KeyMeta) -> Result<ObjectHandle> {
@@ -762,6 +781,19 @@ pub(crate) fn find_key_objects(session: &Session, label: &str, asymmetric: bool)
 /// copied into non-modifiable session objects; copies already made for an unchanged
 /// key in `previous` are reused (in-flight operations may still use them).
 pub(crate) fn load(session: &Session, previous: Option<&Catalogue>, copies: bool) -> Result<Catalogue> {
+    let mut attempt = 0;
+    loop {
+        match load_once(session, previous, copies) {
+            Err(Error::ObjectVanished(op)) if attempt < 5 => {
+                tracing::debug!(op, "token object replaced during the catalogue load: loading again");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn load_once(session: &Session, previous: Option<&Catalogue>, copies: bool) -> Result<Catalogue> {
     let mut cat = Catalogue::default();
     for (meta_handle, label, meta) in read_metadata(session)? {
         let meta = match meta {
@@ -816,18 +848,10 @@ pub(crate) fn load(session: &Session, previous: Option<&Catalogue>, copies: bool
         let gcm = match reused {
             Some(prev) => Arc::clone(&prev.gcm),
             None if meta.algorithm.family() == Family::Aes => {
-                let (objects, reserved) = read_gcm_reserved(session, &label)?;
-                Arc::new(GcmCounter {
-                    used: AtomicU64::new(reserved),
-                    reserved: AtomicU64::new(reserved),
-                    object: std::sync::Mutex::new(objects),
-                })
+                let (_, reserved) = read_gcm_reserved(session, &label)?;
+                Arc::new(GcmCounter { used: AtomicU64::new(reserved), reserved: AtomicU64::new(reserved) })
             }
-            None => Arc::new(GcmCounter {
-                used: AtomicU64::new(0),
-                reserved: AtomicU64::new(0),
-                object: std::sync::Mutex::new(Vec::new()),
-            }),
+            None => Arc::new(GcmCounter { used: AtomicU64::new(0), reserved: AtomicU64::new(0) }),
         };
         let entry = KeyEntry {
             handle,

@@ -43,6 +43,10 @@ pub enum Error {
     /// Bad configuration or catalogue content.
     #[error("{0}")]
     Catalogue(String),
+    /// An object went away between finding and using it (another process replaced
+    /// it); the catalogue load that saw it is retried.
+    #[error("token object vanished during {0}")]
+    ObjectVanished(&'static str),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -65,6 +69,9 @@ impl Error {
             CkError::Pkcs11(rv, _) => {
                 let name = format!("{rv:?}");
                 match rv {
+                    RvError::ObjectHandleInvalid if matches!(op, "get_attributes" | "destroy_object") => {
+                        Error::ObjectVanished(op)
+                    }
                     RvError::SessionHandleInvalid
                     | RvError::SessionClosed
                     | RvError::UserNotLoggedIn

@@ -133,10 +133,11 @@ fn count_gcm(hsm: &Hsm, session: &Session, entry: &KeyEntry) -> Result<()> {
         let _g = hsm.object_guard();
         let reserved = entry.gcm.reserved.load(Ordering::Acquire);
         if used > reserved {
-            let new = (used.max(reserved) + GCM_RESERVE_STEP).min(GCM_LIMIT);
-            let mut objects = entry.gcm.object.lock().unwrap_or_else(|p| p.into_inner());
-            let h = keys::write_gcm_reserved(session, &entry.meta.label(), &objects, new)?;
-            *objects = vec![h];
+            let new = keys::reserve_gcm(session, &entry.meta.label(), used.max(reserved))?;
+            // Another appliance may have reserved the counts below `new - step`:
+            // continue above them.
+            let floor = new.saturating_sub(GCM_RESERVE_STEP);
+            let _ = entry.gcm.used.fetch_max(floor.max(used), Ordering::AcqRel);
             entry.gcm.reserved.store(new, Ordering::Release);
         }
     }
@@ -432,7 +433,7 @@ impl Hsm {
             }
             let h = h?;
             let r = kcv(s, h, alg, None);
-            let _ = s.destroy_object(h);
+            let _ = keys::destroy_if_present(s, h);
             r
         })
     }

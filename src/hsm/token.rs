@@ -58,8 +58,6 @@ struct Inner {
     pool: Mutex<Vec<(u64, Session)>>,
     permits: tokio::sync::Semaphore,
     catalogue: RwLock<Arc<Catalogue>>,
-    /// Object creation and search race in SoftHSM 2.6.1: serialised.
-    objects: Mutex<()>,
     recovering: Mutex<Option<Instant>>,
 }
 
@@ -82,6 +80,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 const RECOVERY_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Object creation and search race in SoftHSM 2.6.1, whose state is per process:
+/// serialised across every `Hsm` of the process.
+static OBJECTS: Mutex<()> = Mutex::new(());
 
 impl Hsm {
     /// Loads the module, finds the token by label, logs in and loads the catalogue.
@@ -106,7 +108,6 @@ impl Hsm {
                 pool: Mutex::new(Vec::new()),
                 permits: tokio::sync::Semaphore::new(pool_size),
                 catalogue: RwLock::new(Arc::new(Catalogue::default())),
-                objects: Mutex::new(()),
                 recovering: Mutex::new(None),
             }),
         };
@@ -160,7 +161,7 @@ impl Hsm {
         let anchor = self.inner.ctx.open_rw_session(slot).map_err(ck("C_OpenSession"))?;
         self.login(&anchor)?;
         let cat = {
-            let _g = lock(&self.inner.objects);
+            let _g = lock(&OBJECTS);
             keys::load(&anchor, None, self.inner.opts.session_copies)?
         };
         let n = cat.len();
@@ -294,7 +295,7 @@ impl Hsm {
         if needs_recovery {
             self.recover(gen)?;
         }
-        let _objects = lock(&self.inner.objects);
+        let _objects = lock(&OBJECTS);
         let live = lock(&self.inner.live);
         let anchor = live
             .as_ref()
@@ -305,7 +306,7 @@ impl Hsm {
 
     /// Serialises a token-object change made on an operation session.
     pub(crate) fn object_guard(&self) -> MutexGuard<'_, ()> {
-        lock(&self.inner.objects)
+        lock(&OBJECTS)
     }
 
     /// Re-reads the catalogue from the token (SIGHUP, AdminService.ReloadKeys, after a
