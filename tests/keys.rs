@@ -202,7 +202,6 @@ async fn imported_component_kcvs_match_published_vectors() {
     assert!(srv.hsm.try_read_value(aes).expect("read attempt").is_none(), "imported key value readable");
 
     // The imported AES key really is the RFC 4493 key: the appliance serves it (D0).
-    first_use(&srv.hsm, "kcv.aes").await;
     let admin = srv.clients("admin").await;
     let ct = admin.data.clone().encrypt(enc("kcv.aes", b"known key", b"kcv")).await.expect("encrypt under kcv.aes").into_inner();
     let pt = admin.data.clone().decrypt(dec("kcv.aes", &ct.ciphertext, b"kcv")).await.expect("decrypt").into_inner();
@@ -298,7 +297,6 @@ async fn rotation_keeps_old_ciphertexts_until_retired() {
         admin.admin.clone().reload_keys(ReloadKeysRequest {}).await.expect("ReloadKeys").into_inner()
     };
     assert!(loaded.keys_loaded as usize >= fixture().profile.len() + 1, "{loaded:?}");
-    first_use(&srv.hsm, name).await;
 
     let aad = b"rotation-test";
     let e1 = admin.data.clone().encrypt(enc(name, b"under v1", aad)).await.expect("encrypt v1").into_inner();
@@ -314,7 +312,6 @@ async fn rotation_keeps_old_ciphertexts_until_retired() {
         c.close().expect("close");
         srv.hsm.reload().expect("reload");
     }
-    first_use(&srv.hsm, name).await;
     let d1 = admin.data.clone().decrypt(dec(name, &e1.ciphertext, aad)).await.expect("v1 ciphertext after rotation").into_inner();
     assert_eq!(d1.plaintext, b"under v1");
     assert_eq!(d1.key.as_ref().map(|k| k.version), Some(1), "decrypt names the version used");
@@ -424,7 +421,6 @@ async fn two_appliances_on_one_token_encrypt_without_session_recovery() {
         first.hsm.reload().expect("reload");
     }
     // One encryption makes the token hold a reservation object for data.pair/v1.
-    first_use(&first.hsm, name).await;
     first.stop().await;
 
     let a = start("pair-a").await;
@@ -460,7 +456,6 @@ async fn gcm_invocation_count_survives_restart() {
         let _g = token_write();
         a.hsm.create_key(name, KeyClass::D0, Algorithm::Aes256, None, KeyState::Active).expect("create data.gcm");
     }
-    first_use(&a.hsm, name).await;
     let admin = a.clients("admin").await;
     for i in 0..5u8 {
         admin.data.clone().encrypt(enc(name, &[i], b"gcm")).await.expect("encrypt");

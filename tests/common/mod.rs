@@ -121,9 +121,7 @@ pub async fn start_with(tag: &str, edit: impl FnOnce(&mut Config)) -> TestServer
     let audit_dir = config.audit.dir.clone();
     let running = {
         let _g = token_write();
-        let running = server::start(config).await.expect("the appliance starts");
-        first_use_locked(&running.state.hsm, "data").await;
-        running
+        server::start(config).await.expect("the appliance starts")
     };
     TestServer {
         addr: running.addr.to_string(),
@@ -153,29 +151,6 @@ impl TestServer {
             r.shutdown().await.expect("clean shutdown");
         }
     }
-}
-
-/// Makes the first AES-GCM use of `key`'s active version on this instance, directly on
-/// the token (no RPC, no audit line), while holding [`TOKEN_WRITE`].
-///
-/// The first encryption under a key version on an appliance instance writes that
-/// version's GCM reservation object into the token. With several appliances in one
-/// process those writes race in SoftHSM 2.6.1 (keyward serialises object creation per
-/// `Hsm` instance only), so tests make that first use here, serialised with every other
-/// token write, before calling the RPCs they assert on.
-pub async fn first_use(hsm: &Hsm, key: &str) {
-    let _g = token_write();
-    first_use_locked(hsm, key).await;
-}
-
-async fn first_use_locked(hsm: &Hsm, key: &str) {
-    let entry = hsm
-        .catalogue()
-        .for_new(key, &[keyward::hsm::KeyClass::D0])
-        .unwrap_or_else(|e| panic!("first use of {key}: {e}"));
-    hsm.gcm_encrypt(&entry, b"keyward-test/first-use".to_vec(), b"x".to_vec())
-        .await
-        .unwrap_or_else(|e| panic!("first use of {key}: {e}"));
 }
 
 /// Opens a ceremony on the binary's token (hold [`TOKEN_WRITE`] while it writes).
