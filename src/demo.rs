@@ -167,6 +167,17 @@ pub fn ceremony_init(p: &Prepared, profile: &Path) -> Result<Vec<crate::hsm::Key
     Ok(keys)
 }
 
+/// Prints a refusal the demo expects, or fails the demo if the call was not refused with `code`.
+fn expect_refused<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, code: Code, what: &str) -> Result<(), DemoError> {
+    match r {
+        Err(s) if s.code() == code => {
+            println!("{what}: {:?}: {}", s.code(), s.message());
+            Ok(())
+        }
+        other => Err(DemoError::Step(format!("{what}: expected {code:?}, got {other:?}"))),
+    }
+}
+
 fn step(n: u32, what: &str) {
     println!("\n== {n}. {what}");
 }
@@ -268,46 +279,20 @@ async fn flows(p: &Prepared) -> Result<(), DemoError> {
         return Err(DemoError::Step("decrypt returned other data".into()));
     }
     println!("Decrypt -> the same {} bytes", dec.plaintext.len());
-    match hub
-        .data
-        .clone()
-        .decrypt(DecryptRequest { key_name: "data".into(), ciphertext: enc.ciphertext.clone(), aad: b"another record".to_vec() })
-        .await
-    {
-        Err(s) if s.code() == Code::InvalidArgument => println!("Decrypt with other aad -> {:?}: {}", s.code(), s.message()),
-        other => return Err(DemoError::Step(format!("decrypt with wrong aad: {other:?}"))),
-    }
+    let wrong_aad = DecryptRequest { key_name: "data".into(), ciphertext: enc.ciphertext.clone(), aad: b"another record".to_vec() };
+    expect_refused(hub.data.clone().decrypt(wrong_aad).await, Code::InvalidArgument, "hub -> Decrypt with other aad")?;
     let info = hub.keys.clone().get_key(GetKeyRequest { name: "data".into(), version: 0 }).await?.into_inner();
     println!("GetKey data -> v{} class {} KCV {}", info.version, info.class, info.kcv);
 
     step(6, "refused calls (deny by default)");
-    match auditor
-        .data
-        .clone()
-        .encrypt(EncryptRequest { key_name: "data".into(), plaintext: b"x".to_vec(), aad: b"y".to_vec() })
-        .await
-    {
-        Err(s) if s.code() == Code::PermissionDenied => println!("auditor -> DataService.Encrypt: {:?}: {}", s.code(), s.message()),
-        other => return Err(DemoError::Step(format!("auditor encrypt should be refused: {other:?}"))),
-    }
-    match hub
-        .data
-        .clone()
-        .encrypt(EncryptRequest { key_name: "binding".into(), plaintext: b"x".to_vec(), aad: b"y".to_vec() })
-        .await
-    {
-        Err(s) if s.code() == Code::PermissionDenied => println!("hub -> Encrypt with key `binding`: {:?}: {}", s.code(), s.message()),
-        other => return Err(DemoError::Step(format!("hub using binding should be refused: {other:?}"))),
-    }
-    match admin
-        .data
-        .clone()
-        .encrypt(EncryptRequest { key_name: "zpk.switch".into(), plaintext: b"x".to_vec(), aad: b"y".to_vec() })
-        .await
-    {
-        Err(s) if s.code() == Code::FailedPrecondition => println!("admin -> Encrypt with PIN key `zpk.switch`: {:?}: {}", s.code(), s.message()),
-        other => return Err(DemoError::Step(format!("PIN key used for data should be refused: {other:?}"))),
-    }
+    let enc_req = |key: &str| EncryptRequest { key_name: key.into(), plaintext: b"x".to_vec(), aad: b"y".to_vec() };
+    expect_refused(auditor.data.clone().encrypt(enc_req("data")).await, Code::PermissionDenied, "auditor -> DataService.Encrypt")?;
+    expect_refused(hub.data.clone().encrypt(enc_req("binding")).await, Code::PermissionDenied, "hub -> Encrypt with key `binding`")?;
+    expect_refused(
+        admin.data.clone().encrypt(enc_req("zpk.switch")).await,
+        Code::FailedPrecondition,
+        "admin -> Encrypt with PIN key `zpk.switch`",
+    )?;
     drop((admin, hub, auditor));
     running.shutdown().await?;
     println!("appliance stopped cleanly (final audit checkpoint written)");

@@ -496,6 +496,7 @@ pub fn run(args: &TokenArgs, cmd: CeremonyCmd) -> Result<(), CeremonyError> {
         }
         CeremonyCmd::List { json } => {
             let keys = c.list();
+            c.record("ceremony.list", Vec::new(), &Ok(()))?;
             if json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&keys).map_err(std::io::Error::other)?)?;
             } else {
