@@ -325,6 +325,8 @@ async fn rotation_keeps_old_ciphertexts_until_retired() {
     {
         let _g = token_write();
         let c = ceremony();
+        let refused = c.retire(name, 2).expect_err("retiring the active version is refused");
+        assert!(refused.to_string().contains("rotate"), "{refused}");
         let m = c.retire(name, 1).expect("retire v1");
         assert_eq!((m.version, m.state), (1, KeyState::Retired));
         c.close().expect("close");

@@ -366,6 +366,15 @@ impl Ceremony {
             if version == 0 {
                 return Err(CeremonyError::Usage("--version must be 1 or more".into()));
             }
+            let cat = self.hsm.catalogue();
+            let e = cat.get(name, version)?;
+            if e.meta.state == KeyState::Active {
+                return Err(CeremonyError::Usage(format!(
+                    "{} is the active version: rotate {name} first, then retire it",
+                    e.key_ref()
+                )));
+            }
+            drop(cat);
             Ok(self.hsm.set_state(name, version, KeyState::Retired)?)
         })
     }
