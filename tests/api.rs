@@ -217,3 +217,39 @@ async fn health_service_reports_serving() {
     assert_eq!(r.status, ServingStatus::Serving as i32);
     srv.stop().await;
 }
+
+/// gRPC reflection lists keyward's services (what grpcurl relies on), over mTLS and
+/// through the authorisation layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let srv = start("reflection").await;
+    let mut refl = ServerReflectionClient::new(srv.channel("admin").await);
+    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut answers = refl
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .expect("reflection stream")
+        .into_inner();
+    let first = answers.message().await.expect("reflection answer").expect("one answer");
+    let names: Vec<String> = match first.message_response {
+        Some(MessageResponse::ListServicesResponse(l)) => l.service.into_iter().map(|s| s.name).collect(),
+        other => panic!("unexpected reflection answer: {other:?}"),
+    };
+    for svc in ["keyward.v1.KeyService", "keyward.v1.DataService", "keyward.v1.AdminService", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == svc), "{svc} missing from {names:?}");
+    }
+    // A role without reflection (hub) is refused.
+    let mut hub_refl = ServerReflectionClient::new(srv.channel("hub").await);
+    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let denied = match hub_refl.server_reflection_info(tokio_stream::iter(vec![req])).await {
+        Err(s) => s,
+        Ok(r) => r.into_inner().message().await.expect_err("hub may not use reflection"),
+    };
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    srv.stop().await;
+}
