@@ -2,6 +2,10 @@
 //! concurrent calls), tampering found by the real `keyward audit verify`, no clear
 //! text in the trail, and fail-closed behaviour when the trail cannot be written.
 
+// TOKEN_WRITE (a std Mutex) is held across awaits on purpose: it serialises token
+// writes between tests, each on its own runtime, so no runtime can deadlock on it.
+#![allow(clippy::await_holding_lock)]
+
 mod common;
 
 use std::collections::BTreeMap;

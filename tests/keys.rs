@@ -4,6 +4,10 @@
 //! classes are enforced on every call; rotation and retirement; KeyService never
 //! returns secret material.
 
+// TOKEN_WRITE (a std Mutex) is held across awaits on purpose: it serialises token
+// writes between tests, each on its own runtime, so no runtime can deadlock on it.
+#![allow(clippy::await_holding_lock)]
+
 mod common;
 
 use common::*;
@@ -296,7 +300,7 @@ async fn rotation_keeps_old_ciphertexts_until_retired() {
         let _g = token_write();
         admin.admin.clone().reload_keys(ReloadKeysRequest {}).await.expect("ReloadKeys").into_inner()
     };
-    assert!(loaded.keys_loaded as usize >= fixture().profile.len() + 1, "{loaded:?}");
+    assert!(loaded.keys_loaded as usize > fixture().profile.len(), "{loaded:?}");
 
     let aad = b"rotation-test";
     let e1 = admin.data.clone().encrypt(enc(name, b"under v1", aad)).await.expect("encrypt v1").into_inner();

@@ -2,6 +2,10 @@
 //! process out of SoftHSM). The appliance must log in again, re-copy its keys and keep
 //! serving, and data encrypted before the loss must decrypt after it.
 
+// TOKEN_WRITE (a std Mutex) is held across awaits on purpose: it serialises token
+// writes between tests, each on its own runtime, so no runtime can deadlock on it.
+#![allow(clippy::await_holding_lock)]
+
 mod common;
 
 use common::*;

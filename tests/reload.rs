@@ -1,6 +1,10 @@
 //! Catalogue reload on SIGHUP (its own test binary: the signal goes to the whole
 //! process). A key the ceremony adds while the appliance runs is served after SIGHUP.
 
+// TOKEN_WRITE (a std Mutex) is held across awaits on purpose: it serialises token
+// writes between tests, each on its own runtime, so no runtime can deadlock on it.
+#![allow(clippy::await_holding_lock)]
+
 mod common;
 
 use common::*;

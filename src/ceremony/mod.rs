@@ -463,7 +463,7 @@ pub fn parse_component(text: &str) -> Result<Zeroizing<Vec<u8>>, CeremonyError> 
 
 /// Prints the catalogue as a table.
 pub fn print_table(keys: &[KeyMeta], out: &mut impl Write) -> std::io::Result<()> {
-    writeln!(out, "{:<20} {:>3}  {:<5} {:<12} {:<12} {}", "NAME", "VER", "CLASS", "ALGORITHM", "STATE", "KCV")?;
+    writeln!(out, "{:<20} {:>3}  {:<5} {:<12} {:<12} KCV", "NAME", "VER", "CLASS", "ALGORITHM", "STATE")?;
     for k in keys {
         writeln!(
             out,

@@ -625,7 +625,10 @@ fn find(session: &Session, template: &[Attribute]) -> Result<Vec<ObjectHandle>> 
 }
 
 /// Every keyward metadata object in the token: (handle, parsed metadata or the parse problem).
-pub(crate) fn read_metadata(session: &Session) -> Result<Vec<(ObjectHandle, String, Result<KeyMeta, String>)>> {
+/// One metadata object: its handle, its label, and the parsed metadata or why it is unreadable.
+pub(crate) type MetaObject = (ObjectHandle, String, Result<KeyMeta, String>);
+
+pub(crate) fn read_metadata(session: &Session) -> Result<Vec<MetaObject>> {
     let handles = find(
         session,
         &[
