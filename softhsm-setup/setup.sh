@@ -10,7 +10,11 @@ set -euo pipefail
 usage() {
     cat <<'EOF'
 Usage: softhsm-setup/setup.sh STATE_DIR
+       softhsm-setup/setup.sh --install-only
        softhsm-setup/setup.sh --help
+
+--install-only does step 1 alone (what the build, the demo and the tests need
+installed); the demo and the tests then make their own state directories and tokens.
 
 Idempotent SoftHSM2 set-up for keyward. Safe to run again: a second run changes nothing.
 
@@ -42,12 +46,14 @@ EOF
 log() { printf 'setup.sh: %s\n' "$*" >&2; }
 die() { printf 'setup.sh: error: %s\n' "$*" >&2; exit 1; }
 
+INSTALL_ONLY=0
 case "${1:-}" in
     -h | --help) usage; exit 0 ;;
+    --install-only) INSTALL_ONLY=1; shift; [ "$#" -eq 0 ] || { usage >&2; exit 2; } ;;
     "") usage >&2; exit 2 ;;
     -*) printf 'setup.sh: unknown option: %s\n\n' "$1" >&2; usage >&2; exit 2 ;;
 esac
-[ "$#" -eq 1 ] || { usage >&2; exit 2; }
+[ "$INSTALL_ONLY" -eq 1 ] || [ "$#" -eq 1 ] || { usage >&2; exit 2; }
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd -P)
@@ -113,6 +119,10 @@ fi
 
 MODULE=$(find_module) || die "libsofthsm2.so not found (is the softhsm2 package installed?)"
 command -v softhsm2-util >/dev/null 2>&1 || die "softhsm2-util not found"
+if [ "$INSTALL_ONLY" -eq 1 ]; then
+    log "prerequisites present (module $MODULE)"
+    exit 0
+fi
 
 # ---------------------------------------------------------------- 2. state dir + conf
 STATE_ARG=$1
