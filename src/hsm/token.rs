@@ -187,7 +187,16 @@ impl Hsm {
         lock(&self.inner.pool).clear();
         *lock(&self.inner.live) = None;
         self.inner.generation.fetch_add(1, Ordering::AcqRel);
-        match self.establish() {
+        let attached = match self.establish() {
+            Err(Error::Unavailable(m)) => {
+                // The token is not listed: a module may only enumerate tokens when it is
+                // initialised (SoftHSM does), so start the library afresh and look again.
+                tracing::warn!(reason = %m, "token not found: re-initialising the PKCS#11 module");
+                self.reinitialise().and_then(|()| self.establish())
+            }
+            other => other,
+        };
+        match attached {
             Ok(()) => {
                 *last_failure = None;
                 Ok(())
@@ -203,6 +212,20 @@ impl Hsm {
         }
     }
 
+    /// C_Finalize + C_Initialize: every session of this process ends (they were being
+    /// replaced anyway) and the module enumerates its slots and tokens again.
+    fn reinitialise(&self) -> Result<()> {
+        lock(&self.inner.pool).clear();
+        *lock(&self.inner.live) = None;
+        if let Err(e) = self.inner.ctx.clone().finalize() {
+            tracing::debug!(error = %e, "C_Finalize");
+        }
+        match self.inner.ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
+            Err(e) => Err(Error::Unavailable(format!("C_Initialize: {e}"))),
+        }
+    }
+
     fn take_session(&self) -> Result<(u64, Session)> {
         let gen = self.inner.generation.load(Ordering::Acquire);
         {
@@ -213,14 +236,15 @@ impl Hsm {
                 }
             }
         }
-        let slot = match lock(&self.inner.live).as_ref() {
-            Some(l) => l.slot,
+        // Read the slot in its own statement: the guard must be gone before recover()
+        // takes the same lock.
+        let attached = lock(&self.inner.live).as_ref().map(|l| l.slot);
+        let slot = match attached {
+            Some(slot) => slot,
             None => {
-                drop(self.recover(gen));
-                lock(&self.inner.live)
-                    .as_ref()
-                    .map(|l| l.slot)
-                    .ok_or_else(|| Error::Unavailable("token not attached".into()))?
+                self.recover(gen)?;
+                let attached = lock(&self.inner.live).as_ref().map(|l| l.slot);
+                attached.ok_or_else(|| Error::Unavailable("token not attached".into()))?
             }
         };
         let gen = self.inner.generation.load(Ordering::Acquire);
