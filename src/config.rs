@@ -295,7 +295,13 @@ impl Config {
 
     /// Parses and validates config text; relative paths resolve against `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        // The parser's own message quotes the offending line, which may hold a
+        // dev_inline PIN: report its position and reason only.
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|sp| text[..sp.start.min(text.len())].lines().count().max(1));
+            let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
+            ConfigErrors(vec![format!("{at}{}", e.message())])
+        })?;
         let mut c = Checker { base: base.to_path_buf(), errors: Vec::new() };
 
         let module = c.string("hsm.module", &raw.hsm.module).map(PathBuf::from);

@@ -1,5 +1,6 @@
-//! The audit trail's token keys: the `audit` HMAC key chains lines, `audit.sign`
-//! (ECDSA P-256) signs checkpoints. Both are used in place, never copied.
+//! The audit trail's token keys: the `audit` HMAC key chains lines (one HMAC per
+//! call, so it is session-copied like every hot-path key), `audit.sign` (ECDSA
+//! P-256, used in place and non-modifiable) signs checkpoints.
 
 use super::audit::{AuditError, AuditKeys};
 use crate::hsm::{Hsm, KeyClass};

@@ -65,7 +65,10 @@ impl From<hsm::Error> for Error {
             hsm::Error::VerifyFailed => Error::VerificationFailed("does not verify".into()),
             hsm::Error::InvalidInput(m) => Error::InvalidArgument { field: "request", msg: m },
             hsm::Error::Exhausted(m) => Error::ResourceExhausted(m),
-            hsm::Error::Unavailable(_) | hsm::Error::SessionLost { .. } | hsm::Error::ObjectVanished(_) => {
+            hsm::Error::Unavailable(_)
+            | hsm::Error::SessionLost { .. }
+            | hsm::Error::ObjectVanished(_)
+            | hsm::Error::LoginRefused(_) => {
                 tracing::error!(error = %e, "token unavailable");
                 Error::Unavailable("key store unavailable; retry later".into())
             }

@@ -105,6 +105,10 @@ impl KeyClass {
         use Family::*;
         let fam = alg.family();
         let kcv = Usage { sign: fam == Aes || fam == Hmac, encrypt: fam == Des, ..Usage::NONE };
+        // Single DES only as one half of an ISO 9797-1 MAC key (DESIGN.md: retail MAC).
+        if alg == Algorithm::Des && !matches!(self, KeyClass::M1 | KeyClass::M3) {
+            return None;
+        }
         let u = match (self, fam) {
             (KeyClass::K0, Aes | Des) => Usage { wrap: true, unwrap: true, ..kcv },
             (KeyClass::B0, Aes) => Usage { derive: true, encrypt: true, ..kcv },
@@ -410,6 +414,8 @@ pub fn uses_session_copy(name: &str, class: KeyClass) -> bool {
 pub(crate) struct GcmCounter {
     pub(crate) used: AtomicU64,
     pub(crate) reserved: AtomicU64,
+    /// The 90% warning was logged.
+    pub(crate) warned: std::sync::atomic::AtomicBool,
 }
 
 /// One loaded key version.
@@ -441,12 +447,19 @@ impl KeyEntry {
 /// The loaded catalogue: every usable key version, by name and version.
 #[derive(Debug, Default)]
 pub struct Catalogue {
+    /// Generation of the token attachment whose handles this catalogue holds.
+    generation: u64,
     keys: BTreeMap<String, BTreeMap<u32, Arc<KeyEntry>>>,
     /// Keys present in the token but refused (flags widened, metadata unreadable): label -> reason.
     refused: Vec<(String, String)>,
 }
 
 impl Catalogue {
+    /// Generation of the token attachment the handles belong to.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn len(&self) -> usize {
         self.keys.values().map(BTreeMap::len).sum()
     }
@@ -598,8 +611,13 @@ pub(crate) fn read_flags(session: &Session, h: ObjectHandle) -> Result<KeyFlags>
 }
 
 /// Why a secret or private key object must not be served, if it must not.
-pub(crate) fn flag_problems(flags: &KeyFlags, allowed: Usage) -> Option<String> {
+pub(crate) fn flag_problems(flags: &KeyFlags, allowed: Usage, in_place: bool) -> Option<String> {
     let mut problems = Vec::new();
+    if in_place && flags.modifiable {
+        // A key used in place must not be modifiable, or its flags could be widened
+        // after the start-up check (DESIGN.md, Key model).
+        problems.push("MODIFIABLE but used in place".to_string());
+    }
     if !flags.sensitive {
         problems.push("not SENSITIVE".to_string());
     }
@@ -699,8 +717,10 @@ pub(crate) fn read_gcm_reserved(session: &Session, label: &str) -> Result<(Vec<O
         live.push(*h);
         for a in attrs {
             if let Attribute::Value(v) = a {
-                if let Ok(b) = <[u8; 8]>::try_from(v.as_slice()) {
-                    max = max.max(u64::from_be_bytes(b));
+                match <[u8; 8]>::try_from(v.as_slice()) {
+                    Ok(b) => max = max.max(u64::from_be_bytes(b)),
+                    // Counting from zero again could reuse IVs: refuse instead.
+                    Err(_) => return Err(Error::Catalogue(format!("{label}: unreadable AES-GCM reservation"))),
                 }
             }
         }
@@ -783,10 +803,12 @@ pub(crate) fn find_key_objects(session: &Session, label: &str, asymmetric: bool)
 /// Loads the catalogue through the anchor session. With `copies`, hot-path keys are
 /// copied into non-modifiable session objects; copies already made for an unchanged
 /// key in `previous` are reused (in-flight operations may still use them).
-pub(crate) fn load(session: &Session, previous: Option<&Catalogue>, copies: bool) -> Result<Catalogue> {
+pub(crate) fn load(session: &Session, previous: Option<&Catalogue>, copies: bool, generation: u64) -> Result<Catalogue> {
+    // Copies are reused only from a catalogue of the same attachment.
+    let previous = previous.filter(|p| p.generation == generation);
     let mut attempt = 0;
     loop {
-        match load_once(session, previous, copies) {
+        match load_once(session, previous, copies, generation) {
             Err(Error::ObjectVanished(op)) if attempt < 5 => {
                 tracing::debug!(op, "token object replaced during the catalogue load: loading again");
                 attempt += 1;
@@ -796,8 +818,8 @@ pub(crate) fn load(session: &Session, previous: Option<&Catalogue>, copies: bool
     }
 }
 
-fn load_once(session: &Session, previous: Option<&Catalogue>, copies: bool) -> Result<Catalogue> {
-    let mut cat = Catalogue::default();
+fn load_once(session: &Session, previous: Option<&Catalogue>, copies: bool, generation: u64) -> Result<Catalogue> {
+    let mut cat = Catalogue { generation, ..Catalogue::default() };
     for (meta_handle, label, meta) in read_metadata(session)? {
         let meta = match meta {
             Ok(m) => m,
@@ -819,7 +841,7 @@ fn load_once(session: &Session, previous: Option<&Catalogue>, copies: bool) -> R
             continue;
         };
         let flags = read_flags(session, objects.secret_or_private)?;
-        if let Some(reason) = flag_problems(&flags, allowed) {
+        if let Some(reason) = flag_problems(&flags, allowed, !uses_session_copy(&meta.name, meta.class)) {
             tracing::error!(key = %label, %reason, "key refused: flags do not match its class");
             cat.refused.push((label, reason));
             continue;
@@ -852,9 +874,17 @@ fn load_once(session: &Session, previous: Option<&Catalogue>, copies: bool) -> R
             Some(prev) => Arc::clone(&prev.gcm),
             None if meta.algorithm.family() == Family::Aes => {
                 let (_, reserved) = read_gcm_reserved(session, &label)?;
-                Arc::new(GcmCounter { used: AtomicU64::new(reserved), reserved: AtomicU64::new(reserved) })
+                Arc::new(GcmCounter {
+                    used: AtomicU64::new(reserved),
+                    reserved: AtomicU64::new(reserved),
+                    warned: Default::default(),
+                })
             }
-            None => Arc::new(GcmCounter { used: AtomicU64::new(0), reserved: AtomicU64::new(0) }),
+            None => Arc::new(GcmCounter {
+                used: AtomicU64::new(0),
+                reserved: AtomicU64::new(0),
+                warned: Default::default(),
+            }),
         };
         let entry = KeyEntry {
             handle,
@@ -894,6 +924,9 @@ mod tests {
         assert!(KeyClass::S0.usage(Algorithm::Aes256).is_none());
         assert!(KeyClass::M7.usage(Algorithm::Aes128).is_none());
         assert!(KeyClass::B0.usage(Algorithm::Des).is_none());
+        assert!(KeyClass::K0.usage(Algorithm::Des).is_none());
+        assert!(KeyClass::P0.usage(Algorithm::Des).is_none());
+        assert!(KeyClass::M3.usage(Algorithm::Des).is_some());
         let d0 = KeyClass::D0.usage(Algorithm::Aes256).unwrap_or(Usage::NONE);
         assert!(d0.encrypt && d0.decrypt && d0.sign && !d0.wrap && !d0.unwrap && !d0.derive && !d0.verify);
     }
@@ -904,10 +937,12 @@ mod tests {
         let actual = Usage { encrypt: true, decrypt: true, wrap: true, ..Usage::NONE };
         assert_eq!(actual.widened_beyond(allowed), vec!["DECRYPT", "WRAP"]);
         let flags = KeyFlags { sensitive: true, extractable: false, private: true, modifiable: true, usage: actual };
-        let p = flag_problems(&flags, allowed).unwrap_or_default();
+        let p = flag_problems(&flags, allowed, false).unwrap_or_default();
         assert!(p.contains("DECRYPT") && p.contains("WRAP"), "{p}");
         let ok = KeyFlags { usage: allowed, ..flags };
-        assert!(flag_problems(&ok, allowed).is_none());
+        assert!(flag_problems(&ok, allowed, false).is_none());
+        let p = flag_problems(&ok, allowed, true).unwrap_or_default();
+        assert!(p.contains("MODIFIABLE"), "{p}");
     }
 
     #[test]

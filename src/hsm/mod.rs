@@ -43,6 +43,10 @@ pub enum Error {
     /// Bad configuration or catalogue content.
     #[error("{0}")]
     Catalogue(String),
+    /// The token refused the user PIN (incorrect, locked, expired). Never retried
+    /// automatically: HSMs lock or zeroise after repeated wrong PINs.
+    #[error("token login refused: {0}")]
+    LoginRefused(String),
     /// An object went away between finding and using it (another process replaced
     /// it); the catalogue load that saw it is retried.
     #[error("token object vanished during {0}")]
@@ -96,10 +100,6 @@ impl Error {
                     RvError::DataLenRange | RvError::DataInvalid => {
                         Error::InvalidInput(format!("{op}: data length or content not accepted"))
                     }
-                    RvError::KeyFunctionNotPermitted | RvError::KeyTypeInconsistent => Error::KeyUsage {
-                        key: String::from("(token)"),
-                        reason: format!("{op}: {name}"),
-                    },
                     _ => Error::Token { op, rv: name },
                 }
             }

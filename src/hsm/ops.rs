@@ -126,7 +126,8 @@ fn count_gcm(hsm: &Hsm, session: &Session, entry: &KeyEntry) -> Result<()> {
             entry.key_ref()
         )));
     }
-    if used == GCM_LIMIT / 10 * 9 {
+    // Once per key version and process, whether the count crossed 90% or started above it.
+    if used >= GCM_LIMIT / 10 * 9 && !entry.gcm.warned.swap(true, Ordering::AcqRel) {
         tracing::warn!(key = %entry.key_ref(), "AES-GCM invocations at 90% of the limit; rotate the key");
     }
     if used > entry.gcm.reserved.load(Ordering::Acquire) {
@@ -268,8 +269,8 @@ impl Hsm {
     /// Test hook: widens a token original's usage flags behind the catalogue's back.
     #[doc(hidden)]
     pub fn widen_usage_for_test(&self, key: &KeyEntry) -> Result<()> {
-        self.with_anchor(|s| {
-            let h = current(&self.catalogue(), key)?.token_handle;
+        self.with_anchor(|s, cat| {
+            let h = current(cat, key)?.token_handle;
             s.update_attributes(h, &[Attribute::Decrypt(true), Attribute::Encrypt(true)]).map_err(ck("update_attributes"))
         })
     }
@@ -289,7 +290,7 @@ impl Hsm {
             .usage(alg)
             .ok_or_else(|| Error::InvalidInput(format!("class {class} does not allow algorithm {alg}")))?;
         let copyable = keys::uses_session_copy(name, class);
-        let meta = self.with_anchor(|s| {
+        let meta = self.with_anchor(|s, _| {
             let version = self.catalogue_fresh(s)?.next_version(name);
             let lbl = label(name, version);
             let common = |usage_attrs: Vec<Attribute>| {
@@ -388,7 +389,7 @@ impl Hsm {
 
     /// Sets the state of one version (rotate / retire).
     pub fn set_state(&self, name: &str, version: u32, state: KeyState) -> Result<KeyMeta> {
-        let meta = self.with_anchor(|s| {
+        let meta = self.with_anchor(|s, _| {
             let cat = self.catalogue_fresh(s)?;
             let e = cat.get(name, version)?;
             let mut meta = read_meta(s, e.meta_handle)?;
@@ -402,7 +403,7 @@ impl Hsm {
 
     /// The catalogue as the token holds it now (the ceremony works on it directly).
     fn catalogue_fresh(&self, anchor: &Session) -> Result<Catalogue> {
-        keys::load(anchor, None, false)
+        keys::load(anchor, None, false, 0)
     }
 
     /// Computes the KCV of a clear component or key value the way the token would, by
@@ -416,7 +417,7 @@ impl Hsm {
             Family::Des => (true, false),
             _ => (false, true),
         };
-        self.with_anchor(|s| {
+        self.with_anchor(|s, _| {
             let t = vec![
                 Attribute::Class(ObjectClass::SECRET_KEY),
                 Attribute::KeyType(alg.key_type()),

@@ -1,11 +1,13 @@
 //! The token: one PKCS#11 context per process (OS_LOCKING_OK), the slot found by
 //! token label, one logged-in anchor session that owns the session key copies, a
-//! bounded pool of operation sessions run off the async runtime, and recovery
-//! (lost sessions are replaced, a lost login is redone and keys re-copied once).
+//! pool of operation sessions driven by a fixed set of worker threads (never the
+//! async runtime's), and recovery: lost sessions are replaced, a lost login is redone
+//! and keys re-copied, a vanished token is looked for again, all while no operation
+//! is in flight (a gate), so no call ever uses a handle of an older attachment.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -43,22 +45,126 @@ impl std::fmt::Debug for HsmOptions {
     }
 }
 
-struct Live {
+/// The current attachment to the token.
+#[derive(Clone, Copy)]
+struct Attached {
     slot: Slot,
-    /// Owns the login and the session key copies; `None` after a test hook closed it.
-    anchor: Option<Session>,
+    /// Generation of this attachment; sessions and catalogues of another one are stale.
+    gen: u64,
 }
 
 struct Inner {
     ctx: Pkcs11,
     opts: HsmOptions,
-    live: Mutex<Option<Live>>,
-    /// Bumped by every recovery; pooled sessions of an older generation are discarded.
-    generation: AtomicU64,
+    /// `Some` while attached; read briefly, never held across a token call.
+    attached: Mutex<Option<Attached>>,
+    /// Owns the login and the session key copies; `None` after a test hook closed it.
+    anchor: Mutex<Option<Session>>,
+    /// Source of attachment generations.
+    next_gen: AtomicU64,
     pool: Mutex<Vec<(u64, Session)>>,
-    permits: tokio::sync::Semaphore,
+    /// Every token operation holds the read side; (re)attaching holds the write side,
+    /// so recovery never runs under an operation and no operation sees a half-made
+    /// attachment or a handle of an older one.
+    gate: RwLock<()>,
+    /// Threads that run PKCS#11 calls for async callers.
+    workers: Arc<Workers>,
     catalogue: RwLock<Arc<Catalogue>>,
+    /// Time of the last failed attach (rate limit), under the recovery lock.
     recovering: Mutex<Option<Instant>>,
+    /// The token refused the PIN: never retried automatically (HSMs lock or zeroise
+    /// after repeated wrong PINs); an operator restarts the appliance.
+    login_refused: AtomicBool,
+}
+
+/// A queued token operation; `abandoned` is true once its caller went away.
+struct Job {
+    run: Box<dyn FnOnce() + Send + 'static>,
+    abandoned: Box<dyn Fn() -> bool + Send + 'static>,
+}
+
+/// Operations queued for the workers at most; beyond, callers get UNAVAILABLE at once
+/// rather than waiting behind work that will outlive their deadline.
+const MAX_QUEUED: usize = 4096;
+
+struct WorkQueue {
+    jobs: std::collections::VecDeque<Job>,
+    idle: usize,
+    closed: bool,
+}
+
+/// A fixed set of threads draining one job queue. A busy worker takes the next job
+/// without sleeping, so under load a submission costs no thread wake-up (a tokio
+/// `spawn_blocking` per call costs two context switches).
+struct Workers {
+    queue: Mutex<WorkQueue>,
+    ready: std::sync::Condvar,
+}
+
+impl Workers {
+    fn start(n: usize) -> Result<Arc<Workers>> {
+        let w = Arc::new(Workers {
+            queue: Mutex::new(WorkQueue { jobs: std::collections::VecDeque::new(), idle: 0, closed: false }),
+            ready: std::sync::Condvar::new(),
+        });
+        for i in 0..n {
+            let worker = Arc::clone(&w);
+            std::thread::Builder::new()
+                .name(format!("keyward-hsm-{i}"))
+                .spawn(move || worker.run())
+                .map_err(|e| Error::Unavailable(format!("cannot start token worker threads: {e}")))?;
+        }
+        Ok(w)
+    }
+
+    fn run(&self) {
+        let mut q = lock(&self.queue);
+        loop {
+            if let Some(job) = q.jobs.pop_front() {
+                drop(q);
+                // A caller that gave up (deadline, reset stream) does not get token work
+                // done on its behalf. A panicking job must not take the worker with it;
+                // its caller sees the dropped reply channel as UNAVAILABLE.
+                if !(job.abandoned)() && std::panic::catch_unwind(std::panic::AssertUnwindSafe(job.run)).is_err() {
+                    tracing::error!("token operation panicked");
+                }
+                q = lock(&self.queue);
+                continue;
+            }
+            if q.closed {
+                return;
+            }
+            q.idle += 1;
+            q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+            q.idle -= 1;
+        }
+    }
+
+    fn submit(&self, job: Job) -> Result<()> {
+        let mut q = lock(&self.queue);
+        if q.closed {
+            return Err(Error::Unavailable("token workers stopped".into()));
+        }
+        if q.jobs.len() >= MAX_QUEUED {
+            return Err(Error::Unavailable("token busy: too many operations queued".into()));
+        }
+        q.jobs.push_back(job);
+        if q.idle > 0 {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    fn close(&self) {
+        lock(&self.queue).closed = true;
+        self.ready.notify_all();
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.workers.close();
+    }
 }
 
 /// Handle to the token; cheap to clone, shared by every service.
@@ -103,15 +209,21 @@ impl Hsm {
             inner: Arc::new(Inner {
                 ctx,
                 opts,
-                live: Mutex::new(None),
-                generation: AtomicU64::new(0),
+                attached: Mutex::new(None),
+                anchor: Mutex::new(None),
+                next_gen: AtomicU64::new(1),
                 pool: Mutex::new(Vec::new()),
-                permits: tokio::sync::Semaphore::new(pool_size),
+                gate: RwLock::new(()),
+                workers: Workers::start(pool_size)?,
                 catalogue: RwLock::new(Arc::new(Catalogue::default())),
                 recovering: Mutex::new(None),
+                login_refused: AtomicBool::new(false),
             }),
         };
-        hsm.establish()?;
+        {
+            let _w = hsm.gate_write();
+            hsm.establish()?;
+        }
         Ok(hsm)
     }
 
@@ -126,7 +238,19 @@ impl Hsm {
 
     /// True while the token is attached and logged in.
     pub fn is_live(&self) -> bool {
-        lock(&self.inner.live).is_some()
+        lock(&self.inner.attached).is_some()
+    }
+
+    fn attachment(&self) -> Option<Attached> {
+        *lock(&self.inner.attached)
+    }
+
+    fn gate_read(&self) -> RwLockReadGuard<'_, ()> {
+        self.inner.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn gate_write(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.inner.gate.write().unwrap_or_else(|p| p.into_inner())
     }
 
     fn find_slot(&self) -> Result<Slot> {
@@ -147,50 +271,60 @@ impl Hsm {
         let pin = SecretString::from(self.inner.opts.user_pin.expose_secret().to_owned());
         match session.login(UserType::User, Some(&pin)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
-            Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
-                Err(Error::Unavailable("token login refused: user PIN incorrect".into()))
+            Err(CkError::Pkcs11(rv @ (RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired), _)) => {
+                self.inner.login_refused.store(true, Ordering::Release);
+                Err(Error::LoginRefused(format!("{rv:?}")))
             }
-            Err(CkError::Pkcs11(RvError::PinLocked, _)) => Err(Error::Unavailable("token login refused: PIN locked".into())),
             Err(e) => Err(ck("C_Login")(e)),
         }
     }
 
-    /// Attaches to the token: slot by label, anchor session, login, catalogue.
+    /// Attaches to the token: slot by label, anchor session, login, catalogue. Call
+    /// with the gate held for writing.
     fn establish(&self) -> Result<()> {
         let slot = self.find_slot()?;
         let anchor = self.inner.ctx.open_rw_session(slot).map_err(ck("C_OpenSession"))?;
         self.login(&anchor)?;
+        let gen = self.inner.next_gen.fetch_add(1, Ordering::AcqRel);
         let cat = {
             let _g = lock(&OBJECTS);
-            keys::load(&anchor, None, self.inner.opts.session_copies)?
+            keys::load(&anchor, None, self.inner.opts.session_copies, gen)?
         };
         let n = cat.len();
         *self.inner.catalogue.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cat);
-        *lock(&self.inner.live) = Some(Live { slot, anchor: Some(anchor) });
+        *lock(&self.inner.anchor) = Some(anchor);
+        *lock(&self.inner.attached) = Some(Attached { slot, gen });
         tracing::info!(token = %self.inner.opts.token_label, keys = n, "token attached");
         Ok(())
     }
 
-    /// Drops every session of generation `seen` and attaches again. Concurrent callers
-    /// that saw the same generation wait and reuse the first caller's result.
-    fn recover(&self, seen: u64) -> Result<()> {
+    /// Drops the attachment of generation `seen` (or none) and attaches again, with no
+    /// operation in flight. Callers that saw the same generation reuse the first
+    /// caller's result; attach attempts are rate-limited.
+    fn recover(&self, seen: Option<u64>) -> Result<()> {
         let mut last_failure = lock(&self.inner.recovering);
-        if self.inner.generation.load(Ordering::Acquire) != seen && self.is_live() {
-            return Ok(());
+        match (self.attachment(), seen) {
+            (Some(a), Some(s)) if a.gen != s => return Ok(()),
+            (Some(_), None) => return Ok(()),
+            _ => {}
+        }
+        if self.inner.login_refused.load(Ordering::Acquire) {
+            return Err(Error::Unavailable("token login refused earlier: restart after fixing the PIN".into()));
         }
         if let Some(t) = *last_failure {
             if t.elapsed() < RECOVERY_BACKOFF {
                 return Err(Error::Unavailable("token not attached".into()));
             }
         }
-        tracing::warn!(token = %self.inner.opts.token_label, "token session lost: logging in again and reloading keys");
-        lock(&self.inner.pool).clear();
-        *lock(&self.inner.live) = None;
-        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        tracing::warn!(token = %self.inner.opts.token_label, "token session lost: attaching again and reloading keys");
+        let _w = self.gate_write();
+        self.detach();
         let attached = match self.establish() {
             Err(Error::Unavailable(m)) => {
                 // The token is not listed: a module may only enumerate tokens when it is
-                // initialised (SoftHSM does), so start the library afresh and look again.
+                // initialised (SoftHSM does), so start the library afresh and look
+                // again. Safe here: the gate is held, so no call is inside the module,
+                // and every session of this `Hsm` was closed by detach().
                 tracing::warn!(reason = %m, "token not found: re-initialising the PKCS#11 module");
                 self.reinitialise().and_then(|()| self.establish())
             }
@@ -203,6 +337,7 @@ impl Hsm {
             }
             Err(e) => {
                 tracing::error!(error = %e, "token recovery failed");
+                self.detach();
                 *last_failure = Some(Instant::now());
                 Err(match e {
                     Error::Unavailable(m) => Error::Unavailable(m),
@@ -212,11 +347,16 @@ impl Hsm {
         }
     }
 
-    /// C_Finalize + C_Initialize: every session of this process ends (they were being
-    /// replaced anyway) and the module enumerates its slots and tokens again.
-    fn reinitialise(&self) -> Result<()> {
+    /// Closes every session this `Hsm` holds. Call with the gate held for writing.
+    fn detach(&self) {
+        *lock(&self.inner.attached) = None;
         lock(&self.inner.pool).clear();
-        *lock(&self.inner.live) = None;
+        lock(&self.inner.anchor).take();
+    }
+
+    /// C_Finalize + C_Initialize, so the module enumerates its slots and tokens again.
+    /// Call with the gate held for writing, after detach().
+    fn reinitialise(&self) -> Result<()> {
         if let Err(e) = self.inner.ctx.clone().finalize() {
             tracing::debug!(error = %e, "C_Finalize");
         }
@@ -226,34 +366,32 @@ impl Hsm {
         }
     }
 
+    /// Attaches if nothing is attached. Never call with the gate held.
+    fn ensure_attached(&self) -> Result<Attached> {
+        if let Some(a) = self.attachment() {
+            return Ok(a);
+        }
+        self.recover(None)?;
+        self.attachment().ok_or_else(|| Error::Unavailable("token not attached".into()))
+    }
+
+    /// A session of the current attachment. Call with the gate held for reading.
     fn take_session(&self) -> Result<(u64, Session)> {
-        let gen = self.inner.generation.load(Ordering::Acquire);
+        let a = self.attachment().ok_or_else(|| Error::Unavailable("token not attached".into()))?;
         {
             let mut pool = lock(&self.inner.pool);
             while let Some((g, s)) = pool.pop() {
-                if g == gen {
+                if g == a.gen {
                     return Ok((g, s));
                 }
             }
         }
-        // Read the slot in its own statement: the guard must be gone before recover()
-        // takes the same lock.
-        let attached = lock(&self.inner.live).as_ref().map(|l| l.slot);
-        let slot = match attached {
-            Some(slot) => slot,
-            None => {
-                self.recover(gen)?;
-                let attached = lock(&self.inner.live).as_ref().map(|l| l.slot);
-                attached.ok_or_else(|| Error::Unavailable("token not attached".into()))?
-            }
-        };
-        let gen = self.inner.generation.load(Ordering::Acquire);
-        let s = self.inner.ctx.open_rw_session(slot).map_err(ck("C_OpenSession"))?;
-        Ok((gen, s))
+        let s = self.inner.ctx.open_rw_session(a.slot).map_err(ck("C_OpenSession"))?;
+        Ok((a.gen, s))
     }
 
     fn give_back(&self, gen: u64, s: Session) {
-        if gen == self.inner.generation.load(Ordering::Acquire) {
+        if self.attachment().is_some_and(|a| a.gen == gen) {
             let mut pool = lock(&self.inner.pool);
             if pool.len() < self.inner.opts.pool_size.max(1) * 2 {
                 pool.push((gen, s));
@@ -261,71 +399,79 @@ impl Hsm {
         }
     }
 
-    /// Runs `f` on a pooled session with the current catalogue, blocking the calling
-    /// thread. A lost session or login is recovered once and `f` retried.
-    pub(crate) fn exec<T>(&self, f: impl Fn(&Session, &Catalogue) -> Result<T>) -> Result<T> {
-        let (gen, s) = self.take_session()?;
+    /// One attempt of `f` under the gate. On failure, the generation it ran under.
+    fn attempt<T>(&self, f: &impl Fn(&Session, &Catalogue) -> Result<T>) -> Result<T, (Error, Option<u64>)> {
+        let _r = self.gate_read();
+        let (gen, s) = self.take_session().map_err(|e| (e, None))?;
         let cat = self.catalogue();
+        if cat.generation() != gen {
+            // Published together under the write gate: cannot differ while we read.
+            return Err((Error::Unavailable("token attachment changing".into()), Some(gen)));
+        }
         match f(&s, &cat) {
             Ok(v) => {
                 self.give_back(gen, s);
                 Ok(v)
             }
-            Err(e) if e.is_recoverable() => {
-                drop(s);
-                tracing::warn!(error = %e, "retrying after token recovery");
-                self.recover(gen)?;
-                let (gen, s) = self.take_session()?;
-                let cat = self.catalogue();
-                let r = f(&s, &cat);
-                match &r {
-                    Err(e) if e.is_recoverable() => drop(s),
-                    Err(Error::Unavailable(_)) => drop(s),
-                    _ => self.give_back(gen, s),
-                }
-                r
-            }
-            Err(e @ Error::Unavailable(_)) => Err(e),
+            // The session may be the broken part: drop it.
+            Err(e) if e.is_recoverable() || matches!(e, Error::Unavailable(_) | Error::Token { .. }) => Err((e, Some(gen))),
             Err(e) => {
                 self.give_back(gen, s);
-                Err(e)
+                Err((e, Some(gen)))
             }
         }
     }
 
-    /// As [`Hsm::exec`], from async code: waits for a pool permit, then runs on the
-    /// blocking thread pool so PKCS#11 never blocks a runtime worker.
+    /// Runs `f` on a pooled session with the current catalogue, blocking the calling
+    /// thread. A lost session or login is recovered once and `f` retried.
+    pub(crate) fn exec<T>(&self, f: impl Fn(&Session, &Catalogue) -> Result<T>) -> Result<T> {
+        self.ensure_attached()?;
+        match self.attempt(&f) {
+            Ok(v) => Ok(v),
+            Err((e, Some(gen))) if e.is_recoverable() => {
+                tracing::warn!(error = %e, "retrying after token recovery");
+                self.recover(Some(gen))?;
+                self.attempt(&f).map_err(|(e, _)| e)
+            }
+            Err((e, _)) => Err(e),
+        }
+    }
+
+    /// As [`Hsm::exec`], from async code: the call runs on one of the token worker
+    /// threads (`hsm.sessions` of them), so PKCS#11 never blocks a runtime worker.
     pub(crate) async fn call<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: Fn(&Session, &Catalogue) -> Result<T> + Send + 'static,
     {
-        let _permit = self
-            .inner
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| Error::Unavailable("token pool closed".into()))?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<T>>();
+        let tx = Arc::new(Mutex::new(Some(tx)));
+        let probe = Arc::clone(&tx);
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.exec(f))
-            .await
-            .map_err(|e| Error::Token { op: "blocking task", rv: e.to_string() })?
+        self.inner.workers.submit(Job {
+            run: Box::new(move || {
+                let r = this.exec(f);
+                if let Some(tx) = lock(&tx).take() {
+                    let _ = tx.send(r);
+                }
+            }),
+            abandoned: Box::new(move || lock(&probe).as_ref().is_none_or(|t| t.is_closed())),
+        })?;
+        rx.await.map_err(|_| Error::Unavailable("token worker stopped".into()))?
     }
 
     /// Runs `f` with the anchor session while object creation/search is serialised.
-    pub(crate) fn with_anchor<T>(&self, f: impl FnOnce(&Session) -> Result<T>) -> Result<T> {
-        let gen = self.inner.generation.load(Ordering::Acquire);
-        let needs_recovery = lock(&self.inner.live).as_ref().is_none_or(|l| l.anchor.is_none());
-        if needs_recovery {
-            self.recover(gen)?;
+    pub(crate) fn with_anchor<T>(&self, f: impl FnOnce(&Session, &Catalogue) -> Result<T>) -> Result<T> {
+        let attached = self.ensure_attached()?;
+        if lock(&self.inner.anchor).is_none() {
+            self.recover(Some(attached.gen))?;
         }
+        let _r = self.gate_read();
         let _objects = lock(&OBJECTS);
-        let live = lock(&self.inner.live);
-        let anchor = live
-            .as_ref()
-            .and_then(|l| l.anchor.as_ref())
-            .ok_or_else(|| Error::Unavailable("token not attached".into()))?;
-        f(anchor)
+        let anchor = lock(&self.inner.anchor);
+        let anchor = anchor.as_ref().ok_or_else(|| Error::Unavailable("token not attached".into()))?;
+        let cat = self.catalogue();
+        f(anchor, &cat)
     }
 
     /// Serialises a token-object change made on an operation session.
@@ -337,41 +483,45 @@ impl Hsm {
     /// ceremony change). Unchanged keys keep their session copies.
     pub fn reload(&self) -> Result<usize> {
         let copies = self.inner.opts.session_copies;
-        let previous = self.catalogue();
-        let cat = match self.with_anchor(|anchor| keys::load(anchor, Some(&previous), copies)) {
-            Err(e) if e.is_recoverable() => {
-                self.recover(self.inner.generation.load(Ordering::Acquire))?;
-                return Ok(self.catalogue().len());
+        let loaded = self.with_anchor(|anchor, previous| {
+            let cat = keys::load(anchor, Some(previous), copies, previous.generation())?;
+            let n = cat.len();
+            for (label, reason) in cat.refused() {
+                tracing::error!(key = %label, %reason, "key refused at reload");
             }
-            other => other?,
-        };
-        let n = cat.len();
-        for (label, reason) in cat.refused() {
-            tracing::error!(key = %label, %reason, "key refused at reload");
+            *self.inner.catalogue.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cat);
+            Ok(n)
+        });
+        match loaded {
+            Err(e) if e.is_recoverable() => {
+                self.recover(self.attachment().map(|a| a.gen))?;
+                Ok(self.catalogue().len())
+            }
+            Ok(n) => {
+                tracing::debug!(keys = n, "key catalogue reloaded");
+                Ok(n)
+            }
+            Err(e) => Err(e),
         }
-        *self.inner.catalogue.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cat);
-        tracing::debug!(keys = n, "key catalogue reloaded");
-        Ok(n)
     }
 
-    /// Test hook: closes every session this process holds (pool and anchor), as
+    /// Test hook: closes every session this `Hsm` holds (pool and anchor), as
     /// C_CloseAllSessions would. The token logs the application out and destroys
     /// the session key copies; the catalogue keeps its now-stale handles, so the next
     /// operation must notice, log in again and re-copy the keys.
     #[doc(hidden)]
     pub fn close_all_sessions_for_test(&self) {
+        let _w = self.gate_write();
         lock(&self.inner.pool).clear();
-        if let Some(live) = lock(&self.inner.live).as_mut() {
-            if let Some(anchor) = live.anchor.take() {
-                if let Err(e) = anchor.close() {
-                    tracing::warn!(error = %e, "closing anchor session");
-                }
+        if let Some(anchor) = lock(&self.inner.anchor).take() {
+            if let Err(e) = anchor.close() {
+                tracing::warn!(error = %e, "closing anchor session");
             }
         }
     }
 
-    /// Number of recoveries so far (for tests and health reporting).
+    /// Generation of the current attachment (raised by every recovery; 0 when detached).
     pub fn generation(&self) -> u64 {
-        self.inner.generation.load(Ordering::Acquire)
+        self.attachment().map(|a| a.gen).unwrap_or(0)
     }
 }
