@@ -24,7 +24,7 @@ pub(crate) const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D
 /// AES-GCM: at most 2^32 invocations per key version (NIST SP 800-38D 8.3).
 pub const GCM_LIMIT: u64 = 1 << 32;
 /// Invocations reserved in the token's metadata at a time, so a crash never reuses a count.
-pub(crate) const GCM_RESERVE_STEP: u64 = 1 << 16;
+pub(crate) const GCM_RESERVE_STEP: u64 = 1 << 20;
 
 /// Key usage class, in the TR-31 vocabulary plus keyward's OTP and BIND classes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
