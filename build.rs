@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/keyward/v1/key.proto",
         "proto/keyward/v1/data.proto",
         "proto/keyward/v1/admin.proto",
+        "proto/keyward/v1/pin.proto",
+        "proto/keyward/v1/mac.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -9,6 +9,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use crate::proto::admin_service_client::AdminServiceClient;
 use crate::proto::data_service_client::DataServiceClient;
 use crate::proto::key_service_client::KeyServiceClient;
+use crate::proto::mac_service_client::MacServiceClient;
+use crate::proto::pin_service_client::PinServiceClient;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -64,12 +66,14 @@ pub async fn connect(addr: &str, tls: &ClientTls) -> Result<Channel, ClientError
     Ok(endpoint(addr, tls)?.connect().await?)
 }
 
-/// The three keyward clients on one channel.
+/// The keyward service clients on one channel.
 #[derive(Clone)]
 pub struct Clients {
     pub keys: KeyServiceClient<Channel>,
     pub data: DataServiceClient<Channel>,
     pub admin: AdminServiceClient<Channel>,
+    pub pin: PinServiceClient<Channel>,
+    pub mac: MacServiceClient<Channel>,
 }
 
 impl Clients {
@@ -77,7 +81,9 @@ impl Clients {
         Clients {
             keys: KeyServiceClient::new(ch.clone()),
             data: DataServiceClient::new(ch.clone()),
-            admin: AdminServiceClient::new(ch),
+            admin: AdminServiceClient::new(ch.clone()),
+            pin: PinServiceClient::new(ch.clone()),
+            mac: MacServiceClient::new(ch),
         }
     }
 }

@@ -128,7 +128,16 @@ struct RawRole {
     /// Key names: exact, or a prefix ending in '*'.
     #[serde(default)]
     keys: Vec<String>,
+    /// Named permissions beyond RPCs and keys (see [`PERMISSIONS`]).
+    #[serde(default)]
+    permissions: Vec<String>,
 }
+
+/// Permissions a role may be granted besides RPCs and keys: (name, what it allows).
+pub const PERMISSIONS: &[(&str, &str)] = &[(
+    "pin.change-account",
+    "PinService.TranslatePin may give the destination block another account field than the source's",
+)];
 
 /// Token settings.
 #[derive(Debug, Clone)]
@@ -169,9 +178,16 @@ pub struct Role {
     pub name: String,
     pub rpcs: Vec<String>,
     pub keys: Vec<String>,
+    /// Named permissions, each one of [`PERMISSIONS`]; never implied by '*'.
+    pub permissions: Vec<String>,
 }
 
 impl Role {
+    /// Whether the role holds a named permission (exact match only).
+    pub fn has_permission(&self, permission: &str) -> bool {
+        self.permissions.iter().any(|p| p == permission)
+    }
+
     /// `path` is the gRPC path without the leading '/': "keyward.v1.DataService/Encrypt".
     pub fn allows_rpc(&self, path: &str) -> bool {
         let path = path.trim_start_matches('/');
@@ -381,12 +397,22 @@ impl Config {
                     c.errors.push(format!("roles.{name}.keys[{i}]: '*' only at the end"));
                 }
             }
+            for (i, p) in r.permissions.iter().enumerate() {
+                if !PERMISSIONS.iter().any(|(known, _)| known == p) {
+                    let known: Vec<&str> = PERMISSIONS.iter().map(|(k, _)| *k).collect();
+                    c.errors.push(format!(
+                        "roles.{name}.permissions[{i}]: unknown permission {p:?} (known: {})",
+                        known.join(", ")
+                    ));
+                }
+            }
             roles.insert(
                 name.clone(),
                 Arc::new(Role {
                     name: name.clone(),
                     rpcs: r.rpcs.iter().map(|p| p.trim_start_matches('/').to_string()).collect(),
                     keys: r.keys.clone(),
+                    permissions: r.permissions.clone(),
                 }),
             );
         }
@@ -471,7 +497,10 @@ rpcs = ["Bad*Pattern"]
             name: "r".into(),
             rpcs: vec!["keyward.v1.DataService/*".into(), "keyward.v1.KeyService/ListKeys".into()],
             keys: vec!["data".into(), "binding*".into()],
+            permissions: vec!["pin.change-account".into()],
         };
+        assert!(r.has_permission("pin.change-account"));
+        assert!(!r.has_permission("pin"));
         assert!(r.allows_rpc("/keyward.v1.DataService/Encrypt"));
         assert!(r.allows_rpc("keyward.v1.KeyService/ListKeys"));
         assert!(!r.allows_rpc("/keyward.v1.KeyService/GetKey"));

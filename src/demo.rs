@@ -15,10 +15,19 @@ use crate::appliance::server;
 use crate::ceremony::{self, Ceremony, TokenArgs};
 use crate::client::{self, ClientTls, Clients};
 use crate::config::Config;
-use crate::proto::{DecryptRequest, EncryptRequest, GetKeyRequest, ListKeysRequest, PingRequest};
+use crate::crypto::pin::Account;
+use crate::hsm::{Algorithm, KeyClass};
+use crate::proto::{
+    account, pin_source, Account as AccountMsg, DecryptRequest, Dukpt, EncryptRequest, EncryptedPin,
+    ExportTerminalKeyRequest, GenerateMacRequest, GeneratePinVerificationDataRequest, GetKeyRequest, ListKeysRequest,
+    PinBlockFormat, PinSource, PinVerificationMethod, PingRequest, TranslatePinRequest, VerifyMacRequest,
+    VerifyPinRequest, ZoneKey,
+};
+use crate::sim::terminal::Terminal;
+use zeroize::Zeroizing;
 
 /// Clients the demo PKI issues; the example config gives each a role.
-pub const DEMO_CLIENTS: [&str; 4] = ["admin", "hub", "auditor", "bench"];
+pub const DEMO_CLIENTS: [&str; 7] = ["admin", "hub", "auditor", "bench", "switch", "activation", "kif"];
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
@@ -49,6 +58,8 @@ pub enum DemoError {
     Config(#[from] crate::config::ConfigErrors),
     #[error("unexpected answer: {0}")]
     Status(#[from] tonic::Status),
+    #[error("terminal: {0}")]
+    Terminal(#[from] crate::sim::terminal::TerminalError),
 }
 
 /// A prepared state directory.
@@ -167,6 +178,174 @@ pub fn ceremony_init(p: &Prepared, profile: &Path) -> Result<Vec<crate::hsm::Key
     Ok(keys)
 }
 
+/// The key-injection facility's transport key for terminals: two random custodian
+/// components imported into the token as a new version of `name` (class K0,
+/// AES-256) with `ceremony import-components`; the same clear value is what a
+/// terminal gets keyed with at the facility. Returns that value.
+pub fn load_transport_key(p: &Prepared, name: &str) -> Result<Zeroizing<Vec<u8>>, DemoError> {
+    let args = TokenArgs { config: Some(p.config.clone()), module: PathBuf::new(), token_label: String::new(), audit_dir: None };
+    let c = Ceremony::open(&args)?;
+    let mut parts = Vec::new();
+    let mut combined = Zeroizing::new(vec![0u8; 32]);
+    for _ in 0..2 {
+        let mut part = Zeroizing::new(vec![0u8; 32]);
+        openssl::rand::rand_bytes(&mut part).map_err(|e| DemoError::Step(format!("random component: {e}")))?;
+        for (a, b) in combined.iter_mut().zip(part.iter()) {
+            *a ^= b;
+        }
+        parts.push(part);
+    }
+    let meta = c.import_components(name, KeyClass::K0, Algorithm::Aes256, &parts, None)?;
+    println!("imported {} from 2 components, KCV {}", meta.key_ref(), meta.kcv);
+    c.close()?;
+    Ok(combined)
+}
+
+fn phone(p: &str) -> Option<AccountMsg> {
+    Some(AccountMsg { kind: Some(account::Kind::Phone(p.into())) })
+}
+
+fn pan(p: &str) -> Option<AccountMsg> {
+    Some(AccountMsg { kind: Some(account::Kind::Pan(p.into())) })
+}
+
+/// The demo's phone-number account, its bank account and the terminal's initial KSN.
+const DEMO_PHONE: &str = "+8613812345678";
+const DEMO_BANK_ACCOUNT: &str = "6222020200112233445";
+const DEMO_INITIAL_KSN: [u8; 12] = [0x12, 0x34, 0x56, 0x78, 0x90, 0x12, 0x34, 0x56, 0, 0, 0, 0];
+
+/// A terminal PIN block (AES DUKPT, format 4, the phone's virtual PAN) as an `EncryptedPin`.
+fn terminal_pin(t: &mut Terminal, pin: &str) -> Result<EncryptedPin, DemoError> {
+    let account = Account::from_phone(DEMO_PHONE).map_err(|e| DemoError::Step(e.to_string()))?;
+    let (ksn, block) = t.pin_block(pin, &account)?;
+    Ok(EncryptedPin {
+        block,
+        format: PinBlockFormat::Iso4 as i32,
+        account: phone(DEMO_PHONE),
+        source: Some(PinSource {
+            kind: Some(pin_source::Kind::Dukpt(Dukpt { bdk_name: "bdk.pos".into(), bdk_version: 0, ksn: ksn.to_vec() })),
+        }),
+    })
+}
+
+/// Translates a terminal block into bank A's zone (format 4) with the bank account.
+async fn to_bank_zone(hub: &Clients, pin: EncryptedPin) -> Result<EncryptedPin, DemoError> {
+    let t = hub
+        .pin
+        .clone()
+        .translate_pin(TranslatePinRequest {
+            pin: Some(pin),
+            destination_key: "zpk.bank-a".into(),
+            destination_format: PinBlockFormat::Iso4 as i32,
+            destination_account: pan(DEMO_BANK_ACCOUNT),
+        })
+        .await?
+        .into_inner();
+    let (s, d) = (t.source_key.unwrap_or_default(), t.destination_key.unwrap_or_default());
+    println!(
+        "  TranslatePin {}/v{} (DUKPT) -> {}/v{} format 4, account changed: {}",
+        s.name, s.version, d.name, d.version, t.account_changed
+    );
+    Ok(EncryptedPin {
+        block: t.block,
+        format: t.format,
+        account: pan(DEMO_BANK_ACCOUNT),
+        source: Some(PinSource { kind: Some(pin_source::Kind::Zone(ZoneKey { key_name: "zpk.bank-a".into(), version: d.version })) }),
+    })
+}
+
+/// Step 7: terminal -> hub -> bank with the transaction password, and an interbank MAC.
+async fn pin_flows(addr: &str, p: &Prepared, tmk: &[u8]) -> Result<(), DemoError> {
+    step(7, "terminal to bank: DUKPT PIN pad, translation with account change, transaction password");
+    let hub = Clients::new(client::connect(addr, &ClientTls::dev(&p.pki, "hub")).await?);
+    let kif = Clients::new(client::connect(addr, &ClientTls::dev(&p.pki, "kif")).await?);
+    let activation = Clients::new(client::connect(addr, &ClientTls::dev(&p.pki, "activation")).await?);
+    let switch = Clients::new(client::connect(addr, &ClientTls::dev(&p.pki, "switch")).await?);
+
+    let export = kif
+        .pin
+        .clone()
+        .export_terminal_key(ExportTerminalKeyRequest {
+            bdk_name: "bdk.pos".into(),
+            initial_ksn: DEMO_INITIAL_KSN.to_vec(),
+            kek_name: "tmk.terminals".into(),
+        })
+        .await?
+        .into_inner();
+    let mut terminal = Terminal::inject(tmk, &export.wrapped_key, &export.kcv, &DEMO_INITIAL_KSN)?;
+    println!(
+        "key injection: initial key of terminal 1234567890123456 derived from bdk.pos, {} bytes wrapped under tmk.terminals, KCV {} checked by the terminal",
+        export.wrapped_key.len(),
+        export.kcv
+    );
+
+    println!("activation: the user sets transaction password 1234 on the terminal");
+    let block = terminal_pin(&mut terminal, "1234")?;
+    let bank_block = to_bank_zone(&hub, block).await?;
+    let pvd = activation
+        .pin
+        .clone()
+        .generate_pin_verification_data(GeneratePinVerificationDataRequest {
+            pin: Some(bank_block),
+            method: PinVerificationMethod::KeywardHmac as i32,
+            pvk_name: "pvk.hub".into(),
+            pvki: 0,
+        })
+        .await?
+        .into_inner();
+    let stored = pvd.verification_data;
+    println!("  GeneratePinVerificationData (activation client) -> verification data of {} characters stored by the bank", stored.len());
+
+    for (pin, expect) in [("1234", true), ("9999", false)] {
+        println!("payment: the user types phone number and password {}", if expect { "(right)" } else { "(wrong)" });
+        let block = terminal_pin(&mut terminal, pin)?;
+        let bank_block = to_bank_zone(&hub, block).await?;
+        let v = hub
+            .pin
+            .clone()
+            .verify_pin(VerifyPinRequest { pin: Some(bank_block), verification_data: stored.clone() })
+            .await?
+            .into_inner();
+        println!("  VerifyPin at the bank -> {}", if v.matched { "match: authorised" } else { "mismatch: refused" });
+        if v.matched != expect {
+            return Err(DemoError::Step(format!("VerifyPin answered {} for the {} password", v.matched, if expect { "right" } else { "wrong" })));
+        }
+    }
+    let block = terminal_pin(&mut terminal, "1234")?;
+    expect_refused(
+        switch
+            .pin
+            .clone()
+            .translate_pin(TranslatePinRequest {
+                pin: Some(block),
+                destination_key: "zpk.bank-a".into(),
+                destination_format: PinBlockFormat::Iso4 as i32,
+                destination_account: pan(DEMO_BANK_ACCOUNT),
+            })
+            .await,
+        Code::PermissionDenied,
+        "switch -> TranslatePin with a DUKPT key it may not use",
+    )?;
+
+    let msg = b"0200|6222020200112233445|000000010000|156|20261123".to_vec();
+    let mac = hub
+        .mac
+        .clone()
+        .generate_mac(GenerateMacRequest { key_name: "mac.bank-a".into(), data: msg.clone(), padding: 0, mac_length: 8 })
+        .await?
+        .into_inner();
+    let check = |data: Vec<u8>| VerifyMacRequest { key_name: "mac.bank-a".into(), version: 0, data, padding: 0, mac: mac.mac.clone() };
+    let ok = switch.mac.clone().verify_mac(check(msg.clone())).await?.into_inner().valid;
+    let mut altered = msg.clone();
+    altered[30] ^= 1;
+    let bad = switch.mac.clone().verify_mac(check(altered)).await?.into_inner().valid;
+    println!("interbank MAC: retail MAC (ISO 9797-1 alg 3) by the hub {}; the switch verifies: {ok}; one bit changed: {bad}", hex::encode_upper(&mac.mac));
+    if !ok || bad {
+        return Err(DemoError::Step("MAC verification answered wrongly".into()));
+    }
+    Ok(())
+}
+
 /// Prints a refusal the demo expects, or fails the demo if the call was not refused with `code`.
 fn expect_refused<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, code: Code, what: &str) -> Result<(), DemoError> {
     match r {
@@ -218,10 +397,13 @@ fn run(args: DemoArgs) -> Result<(), DemoError> {
     let keys = ceremony_init(&p, &args.profile)?;
     ceremony::print_table(&keys, &mut std::io::stdout())?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(flows(&p))?;
+    println!("\nkey-injection facility: terminal transport key from two custodian components");
+    let tmk = load_transport_key(&p, "tmk.terminals")?;
 
-    step(7, "audit trail: `keyward audit verify`");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(flows(&p, &tmk))?;
+
+    step(8, "audit trail: `keyward audit verify`");
     let hsm = ceremony::open_token_only(&TokenArgs {
         config: Some(p.config.clone()),
         module: PathBuf::new(),
@@ -240,7 +422,7 @@ fn run(args: DemoArgs) -> Result<(), DemoError> {
     Ok(())
 }
 
-async fn flows(p: &Prepared) -> Result<(), DemoError> {
+async fn flows(p: &Prepared, tmk: &[u8]) -> Result<(), DemoError> {
     step(3, "the appliance: mTLS gRPC on a free loopback port");
     let config = Config::load(&p.config)?;
     let running = server::start(config).await?;
@@ -294,6 +476,7 @@ async fn flows(p: &Prepared) -> Result<(), DemoError> {
         "admin -> Encrypt with PIN key `zpk.switch`",
     )?;
     drop((admin, hub, auditor));
+    pin_flows(&addr, p, tmk).await?;
     running.shutdown().await?;
     println!("appliance stopped cleanly (final audit checkpoint written)");
     Ok(())

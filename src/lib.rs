@@ -13,6 +13,7 @@ pub mod crypto;
 pub mod demo;
 pub mod hsm;
 pub mod pki;
+pub mod sim;
 
 use std::path::Path;
 use std::process::ExitCode;

@@ -64,6 +64,7 @@ impl From<hsm::Error> for Error {
             hsm::Error::KeyUsage { key, reason } => Error::FailedPrecondition(format!("key {key}: {reason}")),
             hsm::Error::VerifyFailed => Error::VerificationFailed("does not verify".into()),
             hsm::Error::InvalidInput(m) => Error::InvalidArgument { field: "request", msg: m },
+            hsm::Error::BadPinBlock => Error::InvalidArgument { field: "pin.block", msg: e.to_string() },
             hsm::Error::Exhausted(m) => Error::ResourceExhausted(m),
             hsm::Error::Unavailable(_)
             | hsm::Error::SessionLost { .. }

@@ -9,6 +9,8 @@ pub mod auth;
 pub mod data_service;
 pub mod error;
 pub mod key_service;
+pub mod mac_service;
+pub mod pin_service;
 pub mod server;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -15,12 +15,16 @@ use super::admin_service::AdminSvc;
 use super::audit::{AuditEvent, AuditOptions, AuditTrail, EventKind};
 use super::auth::AuthLayer;
 use super::data_service::DataSvc;
+use super::mac_service::MacSvc;
+use super::pin_service::PinSvc;
 use super::key_service::KeySvc;
 use super::AppState;
 use crate::config::Config;
 use crate::hsm::{Hsm, HsmOptions};
 use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::data_service_server::DataServiceServer;
+use crate::proto::mac_service_server::MacServiceServer;
+use crate::proto::pin_service_server::PinServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
 
 /// Why the server could not start or stopped.
@@ -114,6 +118,8 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let keys = KeyServiceServer::new(KeySvc { state: Arc::clone(&state) }).max_decoding_message_size(max);
     let data = DataServiceServer::new(DataSvc { state: Arc::clone(&state) }).max_decoding_message_size(max);
     let admin = AdminServiceServer::new(AdminSvc { state: Arc::clone(&state) }).max_decoding_message_size(max);
+    let pin = PinServiceServer::new(PinSvc::new(Arc::clone(&state))).max_decoding_message_size(max);
+    let mac = MacServiceServer::new(MacSvc { state: Arc::clone(&state) }).max_decoding_message_size(max);
 
     let incoming = TcpIncoming::bind(config.server.listen)
         .map_err(|err| ServeError::Bind { addr: config.server.listen, err })?
@@ -130,7 +136,9 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         .add_service(reflection)
         .add_service(keys)
         .add_service(data)
-        .add_service(admin);
+        .add_service(admin)
+        .add_service(pin)
+        .add_service(mac);
 
     // Health follows the token and the audit trail: NOT_SERVING while either is down.
     let watch_state = Arc::clone(&state);

@@ -13,7 +13,10 @@ use zeroize::Zeroizing;
 use crate::appliance::audit::{AuditEvent, AuditOptions, AuditTrail};
 use crate::appliance::audit_keys::{TokenAuditKeys, CHAIN_KEY, SIGN_KEY};
 use crate::config::Config;
-use crate::hsm::{self, Algorithm, Hsm, HsmOptions, KeyClass, KeyMeta, KeyState};
+use crate::hsm::{
+    self, set_des_parity, Algorithm, Compound, Hsm, HsmOptions, KeyClass, KeyMeta, KeyState, LEFT_SUFFIX, RIGHT_SUFFIX,
+    VARIANT_SUFFIX,
+};
 
 /// Errors of the ceremony CLI.
 #[derive(Debug, thiserror::Error)]
@@ -282,18 +285,22 @@ impl Ceremony {
         order.extend(profile.iter().filter(|k| k.name != CHAIN_KEY && k.name != SIGN_KEY));
         let mut pending_audit = Vec::new();
         for k in order {
-            let exists = self.hsm.catalogue().versions(&k.name).next().is_some();
+            let probe = match Compound::of(k.class, k.algorithm) {
+                Some(kind) => kind.part_names(&k.name).remove(0),
+                None => k.name.clone(),
+            };
+            let exists = self.hsm.catalogue().versions(&probe).next().is_some();
             if exists {
                 continue;
             }
-            let meta = match self.hsm.create_key(&k.name, k.class, k.algorithm, None, KeyState::Active) {
+            let meta = match self.create_version(&k.name, k.class, k.algorithm, None) {
                 Ok(m) => m,
                 Err(e) => {
                     let _ = self.open_audit_if_ready();
                     if self.audit.is_some() {
                         self.record("ceremony.init.generate", vec![format!("{}/v?", k.name)], &Err(e.to_string()))?;
                     }
-                    return Err(e.into());
+                    return Err(e);
                 }
             };
             self.open_audit_if_ready()?;
@@ -321,7 +328,9 @@ impl Ceremony {
         })
     }
 
-    /// Creates the next version active, demoting the current active versions.
+    /// Creates the next version active, demoting the current active versions. A
+    /// compound key (retail-MAC pair, TDES BDK and its variant) gets all its token
+    /// keys at one version, from one value drawn from the token's RNG when generated.
     fn create_version(
         &self,
         name: &str,
@@ -329,34 +338,79 @@ impl Ceremony {
         alg: Algorithm,
         value: Option<Zeroizing<Vec<u8>>>,
     ) -> Result<KeyMeta, CeremonyError> {
-        let previous: Vec<u32> = self
-            .hsm
-            .catalogue()
-            .versions(name)
-            .filter(|e| e.meta.state == KeyState::Active)
-            .map(|e| e.meta.version)
-            .collect();
-        if let Some(e) = self.hsm.catalogue().versions(name).next() {
-            if e.meta.class != class || e.meta.algorithm != alg {
-                return Err(CeremonyError::Usage(format!(
-                    "{name} exists as {} {}; a new version must keep class and algorithm",
-                    e.meta.class, e.meta.algorithm
-                )));
+        let parts: Vec<Part> = match Compound::of(class, alg) {
+            Some(kind) => {
+                let value = match value {
+                    Some(v) => v,
+                    None => {
+                        let len = alg.secret_len().unwrap_or(16);
+                        let mut v = self.hsm.random(len)?;
+                        set_des_parity(&mut v);
+                        v
+                    }
+                };
+                if alg.secret_len() != Some(value.len()) {
+                    return Err(CeremonyError::Usage(format!("{alg} key must be {:?} bytes", alg.secret_len())));
+                }
+                kind.parts(name, alg, &value).into_iter().map(|(n, a, v)| (n, a, Some(v))).collect()
+            }
+            None => vec![(name.to_string(), alg, value)],
+        };
+        let cat = self.hsm.catalogue();
+        for (part, part_alg, _) in &parts {
+            if let Some(e) = cat.versions(part).next() {
+                if e.meta.class != class || e.meta.algorithm != *part_alg {
+                    return Err(CeremonyError::Usage(format!(
+                        "{part} exists as {} {}; a new version must keep class and algorithm",
+                        e.meta.class, e.meta.algorithm
+                    )));
+                }
             }
         }
-        let meta = self.hsm.create_key(name, class, alg, value, KeyState::Active)?;
-        for v in previous {
-            self.hsm.set_state(name, v, KeyState::VerifyOnly)?;
+        let version = parts
+            .iter()
+            .map(|(part, _, _)| cat.versions(part).map(|e| e.meta.version).max().unwrap_or(0) + 1)
+            .max()
+            .unwrap_or(1);
+        let previous: Vec<(String, u32)> = parts
+            .iter()
+            .flat_map(|(part, _, _)| {
+                cat.versions(part)
+                    .filter(|e| e.meta.state == KeyState::Active)
+                    .map(|e| (part.clone(), e.meta.version))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        drop(cat);
+        let mut first = None;
+        for (part, part_alg, value) in parts {
+            let meta = self.hsm.create_key_at(&part, class, part_alg, value, KeyState::Active, Some(version))?;
+            first.get_or_insert(meta);
         }
-        Ok(meta)
+        for (part, v) in previous {
+            self.hsm.set_state(&part, v, KeyState::VerifyOnly)?;
+        }
+        first.ok_or_else(|| CeremonyError::Usage("no key created".into()))
+    }
+
+    /// Class and algorithm of an existing logical key, looking through compound parts.
+    fn logical_key(&self, name: &str) -> Result<(KeyClass, Algorithm), CeremonyError> {
+        let cat = self.hsm.catalogue();
+        if let Some(e) = cat.versions(&format!("{name}{LEFT_SUFFIX}")).next() {
+            return Ok((e.meta.class, Algorithm::Tdes2));
+        }
+        let e = cat.active(name)?;
+        if e.meta.algorithm == Algorithm::Des || name.ends_with(VARIANT_SUFFIX) {
+            return Err(CeremonyError::Usage(format!(
+                "{name} is one part of a compound key: name the key itself (without {LEFT_SUFFIX}, {RIGHT_SUFFIX} or {VARIANT_SUFFIX})"
+            )));
+        }
+        Ok((e.meta.class, e.meta.algorithm))
     }
 
     pub fn rotate(&self, name: &str) -> Result<KeyMeta, CeremonyError> {
         self.audited("ceremony.rotate", |m: &KeyMeta| vec![m.key_ref()], vec![name.to_string()], || {
-            let cat = self.hsm.catalogue();
-            let cur = cat.active(name)?;
-            let (class, alg) = (cur.meta.class, cur.meta.algorithm);
-            drop(cat);
+            let (class, alg) = self.logical_key(name)?;
             self.create_version(name, class, alg, None)
         })
     }
@@ -366,16 +420,28 @@ impl Ceremony {
             if version == 0 {
                 return Err(CeremonyError::Usage("--version must be 1 or more".into()));
             }
+            let (class, alg) = self.logical_key(name)?;
+            let parts = match Compound::of(class, alg) {
+                Some(kind) => kind.part_names(name),
+                None => vec![name.to_string()],
+            };
             let cat = self.hsm.catalogue();
-            let e = cat.get(name, version)?;
-            if e.meta.state == KeyState::Active {
-                return Err(CeremonyError::Usage(format!(
-                    "{} is the active version: rotate {name} first, then retire it",
-                    e.key_ref()
-                )));
+            for part in &parts {
+                let e = cat.get(part, version)?;
+                if e.meta.state == KeyState::Active {
+                    return Err(CeremonyError::Usage(format!(
+                        "{} is the active version: rotate {name} first, then retire it",
+                        e.key_ref()
+                    )));
+                }
             }
             drop(cat);
-            Ok(self.hsm.set_state(name, version, KeyState::Retired)?)
+            let mut first = None;
+            for part in &parts {
+                let m = self.hsm.set_state(part, version, KeyState::Retired)?;
+                first.get_or_insert(m);
+            }
+            first.ok_or_else(|| CeremonyError::Usage("nothing retired".into()))
         })
     }
 
@@ -452,6 +518,9 @@ impl Ceremony {
         Ok(())
     }
 }
+
+/// One token key of a new version: name, algorithm, clear value (None: generated in the token).
+type Part = (String, Algorithm, Option<Zeroizing<Vec<u8>>>);
 
 /// Parses one hex component into zeroizing memory (spaces allowed between groups).
 pub fn parse_component(text: &str) -> Result<Zeroizing<Vec<u8>>, CeremonyError> {

@@ -105,18 +105,20 @@ impl KeyClass {
         use Family::*;
         let fam = alg.family();
         let kcv = Usage { sign: fam == Aes || fam == Hmac, encrypt: fam == Des, ..Usage::NONE };
-        // Single DES only as one half of an ISO 9797-1 MAC key (DESIGN.md: retail MAC).
-        if alg == Algorithm::Des && !matches!(self, KeyClass::M1 | KeyClass::M3) {
+        // Single DES only as one half of an ISO 9797-1 retail MAC key (DESIGN.md).
+        if alg == Algorithm::Des && self != KeyClass::M3 {
             return None;
         }
         let u = match (self, fam) {
             (KeyClass::K0, Aes | Des) => Usage { wrap: true, unwrap: true, ..kcv },
-            (KeyClass::B0, Aes) => Usage { derive: true, encrypt: true, ..kcv },
-            (KeyClass::B0, Des) if alg != Algorithm::Des => Usage { encrypt: true, ..kcv },
+            // AES DUKPT derives in the token (AES_CBC_ENCRYPT_DATA); TDES DUKPT needs the
+            // IPEK halves as ECB encryptions of the KSN under the BDK and its variant.
+            (KeyClass::B0, Aes) => Usage { derive: true, ..kcv },
+            (KeyClass::B0, Des) if alg == Algorithm::Tdes2 => Usage { encrypt: true, ..kcv },
             (KeyClass::P0, Aes | Des) => Usage { encrypt: true, decrypt: true, ..kcv },
             (KeyClass::V0, Hmac) => Usage { sign: true, verify: true, ..kcv },
             (KeyClass::V1 | KeyClass::V2, Des) => Usage { encrypt: true, ..kcv },
-            (KeyClass::M1, Des) => Usage { encrypt: true, ..kcv },
+            (KeyClass::M1, Des) if alg != Algorithm::Des => Usage { encrypt: true, ..kcv },
             (KeyClass::M3, Des) => Usage { encrypt: true, decrypt: true, ..kcv },
             (KeyClass::M6, Aes | Des) => Usage { sign: true, verify: true, ..kcv },
             (KeyClass::M7, Hmac) => Usage { sign: true, verify: true, ..kcv },
@@ -240,10 +242,13 @@ impl Algorithm {
         self.family() == Family::Ec
     }
 
+    /// Token key type. Single DES keys are stored as double-length keys with equal
+    /// halves (K||K), which two-key TDES computes as single DES: SoftHSM 2.6.1 on
+    /// OpenSSL 3 refuses CKM_DES_ECB/CBC (MechanismInvalid).
     pub(crate) fn key_type(self) -> KeyType {
         match self {
             Algorithm::Aes128 | Algorithm::Aes192 | Algorithm::Aes256 => KeyType::AES,
-            Algorithm::Des => KeyType::DES,
+            Algorithm::Des => KeyType::DES2,
             Algorithm::Tdes2 => KeyType::DES2,
             Algorithm::Tdes3 => KeyType::DES3,
             Algorithm::HmacSha1 | Algorithm::HmacSha256 | Algorithm::HmacSha512 => KeyType::GENERIC_SECRET,
@@ -398,6 +403,73 @@ pub fn validate_name(name: &str) -> std::result::Result<(), String> {
     }
 }
 
+/// Suffixes of the token keys that make up one logical key (DESIGN.md, Encodings):
+/// a retail-MAC key is two single-DES halves; a TDES BDK has a companion holding
+/// BDK xor C0C0C0C000000000C0C0C0C000000000, since the token has no XOR mechanism.
+pub const LEFT_SUFFIX: &str = ".left";
+pub const RIGHT_SUFFIX: &str = ".right";
+pub const VARIANT_SUFFIX: &str = ".variant";
+
+/// A logical key stored as several token keys of one version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compound {
+    /// Class M3, TDES-2KEY: `<name>.left` and `<name>.right`, single DES each.
+    RetailMacPair,
+    /// Class B0, TDES-2KEY: `<name>` and `<name>.variant`.
+    TdesBdk,
+}
+
+impl Compound {
+    pub fn of(class: KeyClass, alg: Algorithm) -> Option<Compound> {
+        match (class, alg) {
+            (KeyClass::M3, Algorithm::Tdes2) => Some(Compound::RetailMacPair),
+            (KeyClass::B0, Algorithm::Tdes2) => Some(Compound::TdesBdk),
+            _ => None,
+        }
+    }
+
+    /// The token keys (name, algorithm, value) making up `name` with clear `value`.
+    pub fn parts(
+        self,
+        name: &str,
+        alg: Algorithm,
+        value: &zeroize::Zeroizing<Vec<u8>>,
+    ) -> Vec<(String, Algorithm, zeroize::Zeroizing<Vec<u8>>)> {
+        match self {
+            Compound::RetailMacPair => vec![
+                (format!("{name}{LEFT_SUFFIX}"), Algorithm::Des, zeroize::Zeroizing::new(value[..8].to_vec())),
+                (format!("{name}{RIGHT_SUFFIX}"), Algorithm::Des, zeroize::Zeroizing::new(value[8..16].to_vec())),
+            ],
+            Compound::TdesBdk => {
+                let mut variant = zeroize::Zeroizing::new(value.to_vec());
+                for (i, b) in variant.iter_mut().enumerate() {
+                    *b ^= crate::crypto::dukpt::TDES_BDK_VARIANT[i];
+                }
+                vec![(name.to_string(), alg, zeroize::Zeroizing::new(value.to_vec())), (format!("{name}{VARIANT_SUFFIX}"), alg, variant)]
+            }
+        }
+    }
+
+    /// Names of the token keys of `name`.
+    pub fn part_names(self, name: &str) -> Vec<String> {
+        match self {
+            Compound::RetailMacPair => vec![format!("{name}{LEFT_SUFFIX}"), format!("{name}{RIGHT_SUFFIX}")],
+            Compound::TdesBdk => vec![name.to_string(), format!("{name}{VARIANT_SUFFIX}")],
+        }
+    }
+}
+
+/// Sets odd parity in every byte of a DES key value.
+pub fn set_des_parity(value: &mut [u8]) {
+    for b in value.iter_mut() {
+        if (*b >> 1).count_ones() % 2 == 0 {
+            *b |= 1;
+        } else {
+            *b &= 0xFE;
+        }
+    }
+}
+
 /// Whether a key is copied into a session object for speed, leaving a modifiable
 /// token original; KEKs, BDKs and the audit checkpoint key are used in place and
 /// created non-modifiable (SoftHSM cannot copy non-modifiable keys; see DESIGN.md).
@@ -487,6 +559,11 @@ impl Catalogue {
             .get(name)
             .and_then(|v| v.get(&version))
             .ok_or_else(|| Error::KeyNotFound(label_ref(name, version)))
+    }
+
+    /// Whether any version of `name` is loaded.
+    pub fn versions_exist(&self, name: &str) -> bool {
+        self.keys.contains_key(name)
     }
 
     /// The active version (the highest active one).
@@ -927,6 +1004,9 @@ mod tests {
         assert!(KeyClass::K0.usage(Algorithm::Des).is_none());
         assert!(KeyClass::P0.usage(Algorithm::Des).is_none());
         assert!(KeyClass::M3.usage(Algorithm::Des).is_some());
+        assert!(KeyClass::M1.usage(Algorithm::Des).is_none());
+        let b0 = KeyClass::B0.usage(Algorithm::Aes128).unwrap_or(Usage::NONE);
+        assert!(b0.derive && !b0.encrypt && !b0.decrypt);
         let d0 = KeyClass::D0.usage(Algorithm::Aes256).unwrap_or(Usage::NONE);
         assert!(d0.encrypt && d0.decrypt && d0.sign && !d0.wrap && !d0.unwrap && !d0.derive && !d0.verify);
     }
@@ -943,6 +1023,19 @@ mod tests {
         assert!(flag_problems(&ok, allowed, false).is_none());
         let p = flag_problems(&ok, allowed, true).unwrap_or_default();
         assert!(p.contains("MODIFIABLE"), "{p}");
+    }
+
+    #[test]
+    fn compound_parts() {
+        let v = zeroize::Zeroizing::new(hex::decode("0123456789ABCDEFFEDCBA9876543210").unwrap_or_default());
+        let p = Compound::TdesBdk.parts("bdk.t", Algorithm::Tdes2, &v);
+        assert_eq!(p[1].0, "bdk.t.variant");
+        assert_eq!(hex::encode_upper(&*p[1].2), "C1E385A789ABCDEF3E1C7A5876543210");
+        let p = Compound::RetailMacPair.parts("mac.r", Algorithm::Tdes2, &v);
+        assert_eq!((p[0].0.as_str(), hex::encode_upper(&*p[1].2)), ("mac.r.left", "FEDCBA9876543210".to_string()));
+        let mut k = [0u8, 0x01, 0xFE, 0x13];
+        set_des_parity(&mut k);
+        assert_eq!(k, [0x01, 0x01, 0xFE, 0x13]);
     }
 
     #[test]

@@ -4,10 +4,17 @@
 //! cryptoki type.
 
 mod keys;
+mod mac;
 mod ops;
+mod pin;
 mod token;
 
-pub use keys::{label, validate_name, Algorithm, Catalogue, KeyClass, KeyEntry, KeyFlags, KeyMeta, KeyState, Usage, GCM_LIMIT};
+pub use keys::{
+    label, set_des_parity, validate_name, Algorithm, Catalogue, Compound, KeyClass, KeyEntry, KeyFlags, KeyMeta, KeyState,
+    Usage, GCM_LIMIT, LEFT_SUFFIX, RIGHT_SUFFIX, VARIANT_SUFFIX,
+};
+pub use mac::{MacAlgorithm, MacKey};
+pub use pin::{format_matches as pin_format_matches, DukptCache, PinInput, PinSourceKey, PvMethod};
 pub use ops::low_s_normalise;
 pub use token::{Hsm, HsmOptions};
 
@@ -34,6 +41,9 @@ pub enum Error {
     /// Caller input the token rejected (length, format).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// A PIN block that does not decode (one uniform answer, no detail).
+    #[error("PIN block does not contain valid values")]
+    BadPinBlock,
     /// A usage limit (such as the AES-GCM invocation limit) is reached.
     #[error("limit reached: {0}")]
     Exhausted(String),

@@ -86,10 +86,8 @@ pub(crate) fn public_key_der(session: &Session, h: ObjectHandle) -> Result<Vec<u
 /// First three bytes, upper-case hex.
 pub(crate) fn kcv(session: &Session, h: ObjectHandle, alg: Algorithm, spki: Option<&[u8]>) -> Result<String> {
     let full = match alg.family() {
-        Family::Des => {
-            let mech = if alg == Algorithm::Des { Mechanism::DesEcb } else { Mechanism::Des3Ecb };
-            session.encrypt(&mech, h, &[0u8; 8]).map_err(ck("kcv encrypt"))?
-        }
+        // Single DES is stored as K||K (see Algorithm::key_type): TDES computes it.
+        Family::Des => session.encrypt(&Mechanism::Des3Ecb, h, &[0u8; 8]).map_err(ck("kcv encrypt"))?,
         Family::Aes => session.sign(&Mechanism::AesCMac, h, &[0u8; 16]).map_err(ck("kcv cmac"))?,
         Family::Hmac => {
             let mech = alg.hmac_mechanism().ok_or_else(|| Error::Catalogue("no HMAC mechanism".into()))?;
@@ -143,6 +141,15 @@ fn count_gcm(hsm: &Hsm, session: &Session, entry: &KeyEntry) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The value a key is stored with: single DES as K||K (see `Algorithm::key_type`).
+fn stored_value(alg: Algorithm, value: &Zeroizing<Vec<u8>>) -> Zeroizing<Vec<u8>> {
+    if alg == Algorithm::Des {
+        Zeroizing::new([value.as_slice(), value.as_slice()].concat())
+    } else {
+        Zeroizing::new(value.to_vec())
+    }
 }
 
 fn read_meta(session: &Session, h: ObjectHandle) -> Result<KeyMeta> {
@@ -285,13 +292,37 @@ impl Hsm {
         value: Option<Zeroizing<Vec<u8>>>,
         state: KeyState,
     ) -> Result<KeyMeta> {
+        self.create_key_at(name, class, alg, value, state, None)
+    }
+
+    /// As [`Hsm::create_key`], at version `at` (the parts of a compound key share one
+    /// version) instead of the next free one; an existing version is refused.
+    pub fn create_key_at(
+        &self,
+        name: &str,
+        class: KeyClass,
+        alg: Algorithm,
+        value: Option<Zeroizing<Vec<u8>>>,
+        state: KeyState,
+        at: Option<u32>,
+    ) -> Result<KeyMeta> {
         keys::validate_name(name).map_err(Error::InvalidInput)?;
+        if alg == Algorithm::Des && value.is_none() {
+            return Err(Error::InvalidInput("single DES keys exist only as halves of a retail-MAC pair".into()));
+        }
         let usage = class
             .usage(alg)
             .ok_or_else(|| Error::InvalidInput(format!("class {class} does not allow algorithm {alg}")))?;
         let copyable = keys::uses_session_copy(name, class);
         let meta = self.with_anchor(|s, _| {
-            let version = self.catalogue_fresh(s)?.next_version(name);
+            let fresh = self.catalogue_fresh(s)?;
+            let version = match at {
+                Some(v) if fresh.get(name, v).is_ok() || v == 0 => {
+                    return Err(Error::InvalidInput(format!("{name}/v{v} exists already")));
+                }
+                Some(v) => v,
+                None => fresh.next_version(name),
+            };
             let lbl = label(name, version);
             let common = |usage_attrs: Vec<Attribute>| {
                 let mut t = vec![
@@ -342,7 +373,7 @@ impl Hsm {
                                 v.len()
                             )));
                         }
-                        t.push(Attribute::Value(v.to_vec()));
+                        t.push(Attribute::Value(stored_value(alg, &v).to_vec()));
                         let h = s.create_object(&t).map_err(ck("create_object"));
                         if let Some(Attribute::Value(mut v)) = t.pop() {
                             zeroize::Zeroize::zeroize(&mut v);
@@ -426,7 +457,7 @@ impl Hsm {
                 Attribute::Extractable(false),
                 Attribute::Encrypt(usage.0),
                 Attribute::Sign(usage.1),
-                Attribute::Value(value.to_vec()),
+                Attribute::Value(stored_value(alg, value).to_vec()),
             ];
             let h = s.create_object(&t).map_err(ck("create_object"));
             if let Some(Attribute::Value(mut v)) = t.into_iter().last() {

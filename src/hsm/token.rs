@@ -460,6 +460,30 @@ impl Hsm {
         rx.await.map_err(|_| Error::Unavailable("token worker stopped".into()))?
     }
 
+    /// As [`Hsm::with_anchor`], from async code, on a token worker thread: for work
+    /// that creates session objects which must outlive the pooled session (derived
+    /// key caches belong to the anchor, which lives as long as the attachment).
+    pub(crate) async fn call_anchor<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Session, &Catalogue) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<T>>();
+        let tx = Arc::new(Mutex::new(Some(tx)));
+        let probe = Arc::clone(&tx);
+        let this = self.clone();
+        self.inner.workers.submit(Job {
+            run: Box::new(move || {
+                let r = this.with_anchor(f);
+                if let Some(tx) = lock(&tx).take() {
+                    let _ = tx.send(r);
+                }
+            }),
+            abandoned: Box::new(move || lock(&probe).as_ref().is_none_or(|t| t.is_closed())),
+        })?;
+        rx.await.map_err(|_| Error::Unavailable("token worker stopped".into()))?
+    }
+
     /// Runs `f` with the anchor session while object creation/search is serialised.
     pub(crate) fn with_anchor<T>(&self, f: impl FnOnce(&Session, &Catalogue) -> Result<T>) -> Result<T> {
         let attached = self.ensure_attached()?;
