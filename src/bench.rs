@@ -1,6 +1,7 @@
 //! `keyward bench`: a load generator that drives the appliance over mTLS gRPC (Ping,
-//! DataService Encrypt/Decrypt) or, for the ceiling, the same AES-GCM operations
-//! in-process straight on the token; prints throughput and latency percentiles.
+//! DataService Encrypt/Decrypt, PinService translation and verification, MacService)
+//! or, for the ceiling, the same AES-GCM operations in-process straight on the token;
+//! prints throughput and latency percentiles.
 //!
 //! Every operation runs `--concurrency` tokio tasks, each with its own histogram
 //! (microseconds), for `--warmup` (not measured) then `--duration` seconds; the
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use zeroize::Zeroizing;
 use tonic::transport::Channel;
 
 use crate::appliance::admin_service::MAX_PING_PAYLOAD;
@@ -24,7 +26,14 @@ use crate::config::Config;
 use crate::hsm::{Hsm, KeyClass, KeyEntry};
 use crate::proto::admin_service_client::AdminServiceClient;
 use crate::proto::data_service_client::DataServiceClient;
-use crate::proto::{DecryptRequest, EncryptRequest, PingRequest};
+use crate::proto::mac_service_client::MacServiceClient;
+use crate::proto::pin_service_client::PinServiceClient;
+use crate::proto::{
+    account, pin_source, Account as AccountMsg, DecryptRequest, Dukpt, EncryptRequest, EncryptedPin,
+    ExportTerminalKeyRequest, GenerateMacRequest, GeneratePinVerificationDataRequest, PinBlockFormat, PinSource,
+    PinVerificationMethod, PingRequest, TranslatePinRequest, VerifyPinRequest, ZoneKey,
+};
+use crate::sim::terminal::Terminal;
 
 /// Largest `--payload`.
 const MAX_PAYLOAD: usize = 1 << 20;
@@ -56,6 +65,10 @@ Examples:
   # Explicit certificates, JSON rows:
   keyward bench --addr 10.0.0.5:50051 --ca ca.crt --cert bench.crt --key-file bench.key --json
 
+  # PIN and MAC services (need --spawn: the bench keys its simulated DUKPT terminals
+  # with a transport key it imports through the ceremony):
+  keyward bench --spawn --op ping,translate-zone,translate-dukpt,verify-pin,mac --concurrency 64
+
   # Straight on the token (SOFTHSM2_CONF as for `keyward serve`):
   keyward bench --raw --config state/appliance.toml --op encrypt,decrypt
 
@@ -77,6 +90,16 @@ pub enum Op {
     Encrypt,
     /// DataService.Decrypt of one ciphertext of --payload bytes (encrypted once first).
     Decrypt,
+    /// PinService.TranslatePin zone to zone: one TDES format-0 block (zpk.switch) to
+    /// AES format 4 (zpk.bank-a), same account.
+    TranslateZone,
+    /// PinService.TranslatePin from AES DUKPT terminals (one per worker, a new KSN each
+    /// call, format 4) to zpk.bank-a with the account changed from phone to bank account.
+    TranslateDukpt,
+    /// PinService.VerifyPin of a zpk.bank-a block against keyward-HMAC verification data.
+    VerifyPin,
+    /// MacService.GenerateMac, AES-CMAC under mac.switch over --payload bytes.
+    Mac,
     /// AES-GCM encryption in-process on the token: no gRPC, TLS or audit (the ceiling).
     RawEncrypt,
     /// AES-GCM decryption in-process on the token.
@@ -89,9 +112,18 @@ impl Op {
             Op::Ping => "ping",
             Op::Encrypt => "encrypt",
             Op::Decrypt => "decrypt",
+            Op::TranslateZone => "translate-zone",
+            Op::TranslateDukpt => "translate-dukpt",
+            Op::VerifyPin => "verify-pin",
+            Op::Mac => "mac",
             Op::RawEncrypt => "raw-encrypt",
             Op::RawDecrypt => "raw-decrypt",
         }
+    }
+
+    /// Operations that need the bench's own terminal transport key (--spawn).
+    fn is_pin(self) -> bool {
+        matches!(self, Op::TranslateZone | Op::TranslateDukpt | Op::VerifyPin)
     }
 
     fn is_raw(self) -> bool {
@@ -107,6 +139,7 @@ impl Op {
             )),
             Op::Encrypt | Op::RawEncrypt => Ok(Op::RawEncrypt),
             Op::Decrypt | Op::RawDecrypt => Ok(Op::RawDecrypt),
+            other => Err(BenchError::Usage(format!("--raw {}: only encrypt and decrypt have in-process variants", other.name()))),
         }
     }
 }
@@ -264,6 +297,14 @@ fn plan(args: &BenchArgs) -> Result<Plan, BenchError> {
             ));
         }
     }
+    if let Some(op) = ops.iter().find(|o| o.is_pin()) {
+        if !args.spawn {
+            return Err(BenchError::Usage(format!(
+                "{}: PIN operations need --spawn (the bench keys its simulated terminals with a transport key it imports itself)",
+                op.name()
+            )));
+        }
+    }
     if raw && !args.spawn && args.config.is_none() {
         return Err(BenchError::Usage("raw operations need the token: --config FILE (an appliance config), or --spawn".into()));
     }
@@ -303,7 +344,7 @@ fn run(args: BenchArgs) -> Result<(), BenchError> {
     // happens before the runtime's threads exist.
     let spawned = if args.spawn { Some(prepare_state(&args)?) } else { None };
     let raw_config = match (&spawned, &args.config) {
-        (Some((p, _)), _) => Some(p.config.clone()),
+        (Some((p, _, _)), _) => Some(p.config.clone()),
         (None, Some(c)) => {
             default_softhsm_conf(c);
             Some(c.clone())
@@ -319,13 +360,14 @@ fn run(args: BenchArgs) -> Result<(), BenchError> {
 
     if !network.is_empty() {
         let results = match &spawned {
-            Some((p, listen)) => {
+            Some((p, listen, tmk)) => {
                 let mut child = start_child(p)?;
                 let addr = listen.clone();
                 let tls = ClientTls::dev(&p.pki, &args.client);
+                let pin = PinSetup { tmk: tmk.clone(), pki: p.pki.clone() };
                 let r = rt.block_on(async {
                     wait_ready(&addr, &tls, &mut child).await?;
-                    run_network(&plan, &network, &addr, &tls).await
+                    run_network(&plan, &network, &addr, &tls, Some(&pin)).await
                 });
                 let stopping = Instant::now();
                 let stopped = child.stop();
@@ -355,7 +397,7 @@ fn run(args: BenchArgs) -> Result<(), BenchError> {
                     },
                     (None, None) => return Err(BenchError::Usage("--addr needs --pki or --ca/--cert/--key-file".into())),
                 };
-                rt.block_on(run_network(&plan, &network, &addr, &tls))?
+                rt.block_on(run_network(&plan, &network, &addr, &tls, None))?
             }
         };
         for (i, row) in results {
@@ -421,7 +463,7 @@ fn default_softhsm_conf(config: &Path) {
 
 /// Fresh state directory (same safety check as the demo) with the appliance config
 /// listening on a free loopback port; returns it with that address.
-fn prepare_state(args: &BenchArgs) -> Result<(crate::demo::Prepared, String), BenchError> {
+fn prepare_state(args: &BenchArgs) -> Result<(crate::demo::Prepared, String, Zeroizing<Vec<u8>>), BenchError> {
     let dir = args.state.clone().unwrap_or_else(|| std::env::temp_dir().join("keyward-bench"));
     if dir.exists() {
         let io = |e: std::io::Error| BenchError::Failed(format!("{}: {e}", dir.display()));
@@ -447,7 +489,9 @@ fn prepare_state(args: &BenchArgs) -> Result<(crate::demo::Prepared, String), Be
     eprintln!("bench: preparing {} (token, PKI, ceremony init)", dir.display());
     let p = crate::demo::prepare(&dir, &args.config_template, &listen).map_err(|e| BenchError::Failed(format!("prepare: {e}")))?;
     crate::demo::ceremony_init(&p, &args.profile).map_err(|e| BenchError::Failed(format!("ceremony init: {e}")))?;
-    Ok((p, listen))
+    let tmk = crate::demo::load_transport_key(&p, "tmk.terminals")
+        .map_err(|e| BenchError::Failed(format!("terminal transport key: {e}")))?;
+    Ok((p, listen, tmk))
 }
 
 /// The appliance child process; killed on drop if still running.
@@ -557,6 +601,10 @@ enum Target {
     Ping { client: AdminServiceClient<Channel>, req: PingRequest },
     Encrypt { client: DataServiceClient<Channel>, req: EncryptRequest },
     Decrypt { client: DataServiceClient<Channel>, req: DecryptRequest },
+    Translate { client: PinServiceClient<Channel>, req: TranslatePinRequest },
+    TranslateDukpt { client: PinServiceClient<Channel>, terminal: Box<Terminal> },
+    VerifyPin { client: PinServiceClient<Channel>, req: VerifyPinRequest },
+    Mac { client: MacServiceClient<Channel>, req: GenerateMacRequest },
     RawEncrypt { hsm: Hsm, key: Arc<KeyEntry>, plaintext: Vec<u8> },
     RawDecrypt { hsm: Hsm, key: Arc<KeyEntry>, iv: [u8; 12], ciphertext: Vec<u8> },
 }
@@ -571,6 +619,17 @@ impl Target {
             Target::Ping { client, req } => client.ping(req.clone()).await.map(drop).map_err(status_text),
             Target::Encrypt { client, req } => client.encrypt(req.clone()).await.map(drop).map_err(status_text),
             Target::Decrypt { client, req } => client.decrypt(req.clone()).await.map(drop).map_err(status_text),
+            Target::Translate { client, req } => client.translate_pin(req.clone()).await.map(drop).map_err(status_text),
+            Target::TranslateDukpt { client, terminal } => {
+                let req = dukpt_translation(terminal).map_err(|e| e.to_string())?;
+                client.translate_pin(req).await.map(drop).map_err(status_text)
+            }
+            Target::VerifyPin { client, req } => match client.verify_pin(req.clone()).await {
+                Ok(r) if r.get_ref().matched => Ok(()),
+                Ok(_) => Err("the right PIN did not verify".into()),
+                Err(s) => Err(status_text(s)),
+            },
+            Target::Mac { client, req } => client.generate_mac(req.clone()).await.map(drop).map_err(status_text),
             Target::RawEncrypt { hsm, key, plaintext } => hsm
                 .gcm_encrypt(key, BENCH_AAD.to_vec(), plaintext.clone())
                 .await
@@ -724,11 +783,104 @@ fn payload_bytes(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i % 251) as u8).collect()
 }
 
+/// What the PIN operations need from a spawned appliance's state.
+struct PinSetup {
+    /// The clear terminal transport key (imported into the token from components).
+    tmk: Zeroizing<Vec<u8>>,
+    /// The dev PKI, for the set-up calls of the `kif` and `activation` clients.
+    pki: PathBuf,
+}
+
+const BENCH_PIN: &str = "1234";
+const BENCH_PHONE: &str = "+8613812345678";
+const BENCH_BANK_ACCOUNT: &str = "6222020200112233445";
+
+fn phone_account() -> Option<AccountMsg> {
+    Some(AccountMsg { kind: Some(account::Kind::Phone(BENCH_PHONE.into())) })
+}
+
+fn bank_account() -> Option<AccountMsg> {
+    Some(AccountMsg { kind: Some(account::Kind::Pan(BENCH_BANK_ACCOUNT.into())) })
+}
+
+/// The next transaction of a simulated terminal, translated to bank A's zone with
+/// the account changed from the phone number to the bank account.
+fn dukpt_translation(terminal: &mut Terminal) -> Result<TranslatePinRequest, crate::sim::terminal::TerminalError> {
+    let account = crate::crypto::pin::Account::from_phone(BENCH_PHONE)?;
+    let (ksn, block) = terminal.pin_block(BENCH_PIN, &account)?;
+    Ok(TranslatePinRequest {
+        pin: Some(EncryptedPin {
+            block,
+            format: PinBlockFormat::Iso4 as i32,
+            account: phone_account(),
+            source: Some(PinSource {
+                kind: Some(pin_source::Kind::Dukpt(Dukpt { bdk_name: "bdk.pos".into(), bdk_version: 0, ksn: ksn.to_vec() })),
+            }),
+        }),
+        destination_key: "zpk.bank-a".into(),
+        destination_format: PinBlockFormat::Iso4 as i32,
+        destination_account: bank_account(),
+    })
+}
+
+/// Keys `n` simulated terminals (distinct initial key IDs) through ExportTerminalKey.
+async fn terminals(addr: &str, setup: &PinSetup, n: usize) -> Result<Vec<Terminal>, BenchError> {
+    let kif = client::connect(addr, &ClientTls::dev(&setup.pki, "kif"))
+        .await
+        .map_err(|e| BenchError::Failed(format!("kif client: {}", chain(&e))))?;
+    let mut kif = PinServiceClient::new(kif);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut ksn = [0u8; 12];
+        ksn[..4].copy_from_slice(&0xB0B0_0001u32.to_be_bytes());
+        ksn[4..8].copy_from_slice(&(i as u32).to_be_bytes());
+        let e = kif
+            .export_terminal_key(ExportTerminalKeyRequest {
+                bdk_name: "bdk.pos".into(),
+                initial_ksn: ksn.to_vec(),
+                kek_name: "tmk.terminals".into(),
+            })
+            .await
+            .map_err(|s| BenchError::Failed(format!("terminal set-up: ExportTerminalKey: {}", status_text(s))))?
+            .into_inner();
+        out.push(
+            Terminal::inject(&setup.tmk, &e.wrapped_key, &e.kcv, &ksn)
+                .map_err(|err| BenchError::Failed(format!("terminal set-up: {err}")))?,
+        );
+    }
+    Ok(out)
+}
+
+/// One block under `zone` (format `format`) with the bank account, made by
+/// translating a terminal transaction.
+async fn zone_block(
+    pin: &mut PinServiceClient<Channel>,
+    terminal: &mut Terminal,
+    zone: &str,
+    format: PinBlockFormat,
+) -> Result<EncryptedPin, BenchError> {
+    let mut req = dukpt_translation(terminal).map_err(|e| BenchError::Failed(format!("PIN set-up: {e}")))?;
+    req.destination_key = zone.into();
+    req.destination_format = format as i32;
+    let t = pin
+        .translate_pin(req)
+        .await
+        .map_err(|s| BenchError::Failed(format!("PIN set-up: TranslatePin: {}", status_text(s))))?
+        .into_inner();
+    Ok(EncryptedPin {
+        block: t.block,
+        format: format as i32,
+        account: bank_account(),
+        source: Some(PinSource { kind: Some(pin_source::Kind::Zone(ZoneKey { key_name: zone.into(), version: 0 })) }),
+    })
+}
+
 async fn run_network(
     plan: &Plan,
     ops: &[(usize, Op)],
     addr: &str,
     tls: &ClientTls,
+    pin_setup: Option<&PinSetup>,
 ) -> Result<Vec<(usize, Row)>, BenchError> {
     let mut channels = Vec::with_capacity(plan.connections);
     for _ in 0..plan.connections {
@@ -768,6 +920,67 @@ async fn run_network(
                 drive(plan, op, |w| Target::Decrypt { client: DataServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
                     .await?
             }
+            Op::TranslateZone | Op::TranslateDukpt | Op::VerifyPin => {
+                let setup = pin_setup.ok_or_else(|| BenchError::Usage(format!("{}: needs --spawn", op.name())))?;
+                let n = if op == Op::TranslateDukpt { plan.concurrency } else { 1 };
+                let mut terms = terminals(addr, setup, n).await?;
+                let mut pin = PinServiceClient::new(ch(0));
+                match op {
+                    Op::TranslateZone => {
+                        let first = terms.first_mut().ok_or_else(|| BenchError::Failed("no terminal".into()))?;
+                        let source = zone_block(&mut pin, first, "zpk.switch", PinBlockFormat::Iso0).await?;
+                        let req = TranslatePinRequest {
+                            pin: Some(source),
+                            destination_key: "zpk.bank-a".into(),
+                            destination_format: PinBlockFormat::Iso4 as i32,
+                            destination_account: None,
+                        };
+                        drive(plan, op, |w| Target::Translate { client: PinServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
+                            .await?
+                    }
+                    Op::VerifyPin => {
+                        let first = terms.first_mut().ok_or_else(|| BenchError::Failed("no terminal".into()))?;
+                        let block = zone_block(&mut pin, first, "zpk.bank-a", PinBlockFormat::Iso4).await?;
+                        let activation = client::connect(addr, &ClientTls::dev(&setup.pki, "activation"))
+                            .await
+                            .map_err(|e| BenchError::Failed(format!("activation client: {}", chain(&e))))?;
+                        let pvd = PinServiceClient::new(activation)
+                            .generate_pin_verification_data(GeneratePinVerificationDataRequest {
+                                pin: Some(block.clone()),
+                                method: PinVerificationMethod::KeywardHmac as i32,
+                                pvk_name: "pvk.hub".into(),
+                                pvki: 0,
+                            })
+                            .await
+                            .map_err(|s| BenchError::Failed(format!("PIN set-up: GeneratePinVerificationData: {}", status_text(s))))?
+                            .into_inner();
+                        let req = VerifyPinRequest { pin: Some(block), verification_data: pvd.verification_data };
+                        drive(plan, op, |w| Target::VerifyPin { client: PinServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
+                            .await?
+                    }
+                    _ => {
+                        // One terminal per worker (terminals() made exactly that many).
+                        let mut terms = terms.into_iter().map(Box::new);
+                        drive(
+                            plan,
+                            op,
+                            |w| match terms.next() {
+                                Some(terminal) => Target::TranslateDukpt { client: PinServiceClient::new(ch(w)), terminal },
+                                // Not reached; an empty request fails visibly if it were.
+                                None => Target::Translate { client: PinServiceClient::new(ch(w)), req: TranslatePinRequest::default() },
+                            },
+                            Some(channels.len()),
+                            None,
+                        )
+                        .await?
+                    }
+                }
+            }
+            Op::Mac => {
+                let req = GenerateMacRequest { key_name: "mac.switch".into(), data: plaintext.clone(), padding: 0, mac_length: 0 };
+                drive(plan, op, |w| Target::Mac { client: MacServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
+                    .await?
+            }
             Op::RawEncrypt | Op::RawDecrypt => continue,
         };
         rows.push((i, row));
@@ -801,7 +1014,7 @@ async fn run_raw(plan: &Plan, op: Op, hsm: &Hsm, sessions: usize) -> Result<Row,
             let make = |_| Target::RawDecrypt { hsm: hsm.clone(), key: Arc::clone(&key), iv, ciphertext: ciphertext.clone() };
             drive(plan, op, make, None, Some(sessions)).await
         }
-        Op::Ping | Op::Encrypt | Op::Decrypt => Err(BenchError::Failed(format!("{} is not an in-process operation", op.name()))),
+        other => Err(BenchError::Failed(format!("{} is not an in-process operation", other.name()))),
     }
 }
 
@@ -874,14 +1087,14 @@ fn report(rows: &[Row], json: bool, out: &mut impl std::io::Write) -> std::io::R
     } else {
         writeln!(
             out,
-            "{:<12} {:>5} {:>6} {:>8} {:>9} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8}",
+            "{:<15} {:>5} {:>6} {:>8} {:>9} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8}",
             "op", "conc", "conns", "payload", "requests", "errors", "req/s", "p50", "p90", "p99", "max"
         )?;
         for r in rows {
             let conns = r.connections.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
             writeln!(
                 out,
-                "{:<12} {:>5} {:>6} {:>8} {:>9} {:>7} {:>9.1} {} {} {} {}",
+                "{:<15} {:>5} {:>6} {:>8} {:>9} {:>7} {:>9.1} {} {} {} {}",
                 r.op.name(),
                 r.concurrency,
                 conns,
@@ -919,6 +1132,10 @@ fn ratios(rows: &[Row]) -> Vec<String> {
     for (a, b) in [
         (Op::Encrypt, Op::Ping),
         (Op::Decrypt, Op::Ping),
+        (Op::TranslateZone, Op::Ping),
+        (Op::TranslateDukpt, Op::Ping),
+        (Op::VerifyPin, Op::Ping),
+        (Op::Mac, Op::Ping),
         (Op::Encrypt, Op::RawEncrypt),
         (Op::Decrypt, Op::RawDecrypt),
     ] {

@@ -474,6 +474,7 @@ dir = "audit"
 "alice" = "nobody"
 [roles.ops]
 rpcs = ["Bad*Pattern"]
+permissions = ["pin.anything"]
 "#;
         let err = Config::parse(text, Path::new("/tmp")).err().map(|e| e.0).unwrap_or_default();
         let joined = err.join("\n");
@@ -486,6 +487,7 @@ rpcs = ["Bad*Pattern"]
             "server.client_ca",
             "clients.\"alice\"",
             "roles.ops.rpcs[0]",
+            "roles.ops.permissions[0]: unknown permission",
         ] {
             assert!(joined.contains(needle), "missing {needle} in:\n{joined}");
         }

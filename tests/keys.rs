@@ -11,7 +11,8 @@
 mod common;
 
 use common::*;
-use keyward::hsm::{Algorithm, KeyClass, KeyState, Usage};
+use keyward::ceremony::ProfileKey;
+use keyward::hsm::{Algorithm, Compound, KeyClass, KeyState, Usage};
 use keyward::proto::{DecryptRequest, EncryptRequest, GetKeyRequest, KeyState as WireState, ListKeysRequest, ReloadKeysRequest};
 use tonic::Code;
 use zeroize::Zeroizing;
@@ -67,8 +68,22 @@ async fn ceremony_keys_are_sensitive_unextractable_private_with_profile_classes(
     let srv = start("init-flags").await;
     let cat = srv.hsm.catalogue();
     assert!(!fx.profile.is_empty());
-    assert_eq!(fx.init_keys.len(), fx.profile.len(), "ceremony init reported every profile key");
-    for pk in &fx.profile {
+    // Compound keys (retail-MAC pair, TDES BDK + variant) are two token keys each.
+    let parts = |pk: &ProfileKey| -> Vec<(String, Algorithm)> {
+        match Compound::of(pk.class, pk.algorithm) {
+            Some(Compound::RetailMacPair) => {
+                Compound::RetailMacPair.part_names(&pk.name).into_iter().map(|n| (n, Algorithm::Des)).collect()
+            }
+            Some(kind) => kind.part_names(&pk.name).into_iter().map(|n| (n, pk.algorithm)).collect(),
+            None => vec![(pk.name.clone(), pk.algorithm)],
+        }
+    };
+    let expected: Vec<(String, Algorithm, KeyClass)> =
+        fx.profile.iter().flat_map(|pk| parts(pk).into_iter().map(|(n, a)| (n, a, pk.class))).collect();
+    assert!(expected.len() > fx.profile.len(), "the profile has compound keys");
+    assert_eq!(fx.init_keys.len(), expected.len(), "ceremony init reported every profile key and part");
+    for (name, algorithm, class) in &expected {
+        let pk = ProfileKey { name: name.clone(), class: *class, algorithm: *algorithm, purpose: String::new() };
         let e = cat.get(&pk.name, 1).unwrap_or_else(|err| panic!("{} missing from the catalogue: {err}", pk.name));
         assert_eq!(e.meta.name, pk.name);
         assert_eq!(e.meta.version, 1);
@@ -406,10 +421,18 @@ async fn key_service_never_returns_secret_material() {
     let cat = srv.hsm.catalogue();
     assert_eq!(cat.get("voucher.issuer", 1).unwrap().public_der.as_deref(), Some(info.public_key_der.as_slice()));
 
-    // Roles filter the list: the hub sees only the keys it may use.
+    // Roles filter the list: the hub sees only the keys it may use (data, zpk.*, bdk.*, pvk.*, mac.*).
     let hub = srv.clients("hub").await;
     let hub_list = hub.keys.clone().list_keys(ListKeysRequest::default()).await.expect("hub ListKeys").into_inner();
-    assert_eq!(hub_list.keys.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), vec!["data"]);
+    let names: Vec<&str> = hub_list.keys.iter().map(|k| k.name.as_str()).collect();
+    assert!(names.contains(&"data") && names.contains(&"zpk.bank-a") && names.contains(&"mac.bank-a.left"), "{names:?}");
+    for n in &names {
+        assert!(
+            *n == "data" || ["zpk.", "bdk.", "pvk.", "mac."].iter().any(|p| n.starts_with(p)),
+            "hub sees {n}, outside its role"
+        );
+    }
+    assert!(!names.iter().any(|n| n.starts_with("audit") || n.starts_with("binding") || n.starts_with("tmk.")), "{names:?}");
     srv.stop().await;
 }
 

@@ -60,7 +60,7 @@ async fn appliance_recovers_after_all_sessions_are_closed() {
         .into_inner();
     assert_eq!(new.plaintext, b"after the loss");
     let list = admin.keys.clone().list_keys(ListKeysRequest::default()).await.expect("ListKeys after the loss").into_inner();
-    assert_eq!(list.keys.len(), fixture().profile.len(), "catalogue after recovery");
+    assert_eq!(list.keys.len(), fixture().init_keys.len(), "catalogue after recovery");
     admin.admin.clone().ping(PingRequest { payload: b"p".to_vec() }).await.expect("Ping");
 
     // A second loss is recovered as well.
