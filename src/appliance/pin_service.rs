@@ -236,9 +236,14 @@ impl PinSvc {
                     (Some(d), changed)
                 }
                 (Some(d), None) => (Some(d), false),
-                (None, Some(s)) => (Some(s.clone()), false),
-                (None, None) => {
-                    return Err(Error::invalid("destination_account", "required: the source block carries no account"));
+                // A format 1 block carries no account: its `account` (used by PIN
+                // verification) is never taken as the destination's.
+                (None, Some(s)) if input.format.pan_bound() => (Some(s.clone()), false),
+                (None, _) => {
+                    return Err(Error::invalid(
+                        "destination_account",
+                        "required: a format 1 source block carries no account",
+                    ));
                 }
             }
         } else {
@@ -396,10 +401,16 @@ impl PinSvc {
         let (id, variant) = match bdk.meta.algorithm {
             Algorithm::Aes128 | Algorithm::Aes256 => {
                 let ksn = AesKsn::parse_initial(&r.initial_ksn).map_err(|e| Error::invalid("initial_ksn", e.to_string()))?;
+                if ksn.counter() != 0 {
+                    return Err(Error::invalid("initial_ksn", "the counter of an initial KSN must be zero"));
+                }
                 (ksn.initial_key_id(), None)
             }
             Algorithm::Tdes2 => {
                 let ksn = TdesKsn::parse_initial(&r.initial_ksn).map_err(|e| Error::invalid("initial_ksn", e.to_string()))?;
+                if ksn.counter() != 0 {
+                    return Err(Error::invalid("initial_ksn", "the counter of an initial KSN must be zero"));
+                }
                 let v = cat.for_existing(&format!("{}{VARIANT_SUFFIX}", r.bdk_name), bdk.meta.version, &[KeyClass::B0])?;
                 (ksn.ipek_data(), Some(v))
             }
