@@ -24,6 +24,18 @@ pub mod proto {
     tonic::include_proto!("keyward.v1");
     /// Encoded descriptors for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keyward_descriptor");
+
+    /// Never prints the account number or phone number.
+    impl std::fmt::Debug for Account {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let kind = match &self.kind {
+                Some(account::Kind::Pan(p)) => format!("pan, {} characters", p.chars().count()),
+                Some(account::Kind::Phone(p)) => format!("phone, {} characters", p.chars().count()),
+                None => "none".into(),
+            };
+            write!(f, "Account({kind})")
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

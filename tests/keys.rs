@@ -505,3 +505,33 @@ async fn gcm_invocation_count_survives_restart() {
     b.stop().await;
 }
 
+
+/// Compound keys are made, rotated and retired as one: all parts share each version, and
+/// the part names are never accepted as names of keys of their own.
+#[test]
+fn compound_keys_move_together_and_part_names_are_refused() {
+    let _g = token_write();
+    let c = ceremony();
+    let m = c.generate("mac.pair-test", KeyClass::M3, Algorithm::Tdes2).expect("generate a retail-MAC pair");
+    assert_eq!((m.name.as_str(), m.version), ("mac.pair-test.left", 1));
+    let b = c.generate("bdk.pair-test", KeyClass::B0, Algorithm::Tdes2).expect("generate a TDES BDK");
+    assert_eq!((b.name.as_str(), b.version), ("bdk.pair-test", 1));
+    for bad in ["mac.x.left", "mac.x.right", "bdk.x.variant"] {
+        let e = c.generate(bad, KeyClass::M3, Algorithm::Tdes2).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("parts of compound keys"), "{bad}: {e}");
+    }
+    let r = c.rotate("mac.pair-test").expect("rotate the pair by its name");
+    assert_eq!(r.version, 2);
+    assert!(c.rotate("mac.pair-test.left").is_err(), "a half alone cannot be rotated");
+    c.rotate("bdk.pair-test").expect("rotate the BDK with its variant");
+    c.retire("mac.pair-test", 1).expect("retire v1 of both halves");
+    let list = c.list();
+    let state = |n: &str, v: u32| list.iter().find(|k| k.name == n && k.version == v).map(|k| k.state);
+    assert_eq!(state("mac.pair-test.left", 1), Some(KeyState::Retired));
+    assert_eq!(state("mac.pair-test.right", 1), Some(KeyState::Retired));
+    assert_eq!(state("mac.pair-test.right", 2), Some(KeyState::Active));
+    assert_eq!(state("bdk.pair-test.variant", 1), Some(KeyState::VerifyOnly));
+    assert_eq!(state("bdk.pair-test.variant", 2), Some(KeyState::Active));
+    assert_eq!(state("bdk.pair-test", 2), Some(KeyState::Active));
+    c.close().expect("close");
+}

@@ -119,7 +119,10 @@ impl Pvd {
         let version: u32 = version.parse().ok().filter(|v| *v > 0).ok_or_else(|| bad("key version"))?;
         let digits = |v: &str| v.bytes().all(|b| b.is_ascii_digit());
         let method = match *method {
-            "hmac" if value.len() == 32 && value.bytes().all(|b| b.is_ascii_hexdigit()) => PvMethod::KeywardHmac,
+            // Written upper-case, as generated; any other spelling could never match.
+            "hmac" if value.len() == 32 && value.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)) => {
+                PvMethod::KeywardHmac
+            }
             "ibm3624" if (4..=12).contains(&value.len()) && digits(value) => PvMethod::Ibm3624,
             "pvv" if value.len() == 5 && digits(value) && value.as_bytes()[0] <= b'6' => {
                 PvMethod::VisaPvv { pvki: value.as_bytes()[0] - b'0' }
@@ -345,8 +348,11 @@ impl PinSvc {
 
     async fn verify_inner(&self, caller: &Caller, note: &mut Note, r: VerifyPinRequest) -> Result<VerifyPinResponse, Error> {
         let pvd = Pvd::parse(&r.verification_data)?;
+        caller.may_use_key(&pvd.key)?;
+        let pvk = self.state.hsm.catalogue().for_existing(&pvd.key, pvd.version, &[Pvd::class_of(pvd.method)])?;
         let Some(input) = Self::input_or_mismatch(self.pin_input(caller, note, "pin", r.pin))? else {
-            return Ok(VerifyPinResponse { matched: false, key: Some(KeyRef { name: pvd.key, version: pvd.version }) });
+            note.keys.push(pvk.key_ref());
+            return Ok(VerifyPinResponse { matched: false, key: Some(key_ref(&pvk)) });
         };
         let (matched, key) = self.check(caller, note, input, &pvd).await?;
         Ok(VerifyPinResponse { matched, key: Some(key) })
@@ -480,6 +486,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn account_debug_is_redacted() {
+        let a = AccountMsg { kind: Some(account::Kind::Phone("+8613812345678".into())) };
+        let d = format!("{a:?} {:?}", EncryptedPin { account: Some(a.clone()), ..Default::default() });
+        assert!(!d.contains("1381234"), "{d}");
+        assert!(d.contains("phone, 14 characters"), "{d}");
+    }
+
+    #[test]
     fn verification_data_round_trip_and_refusals() {
         let p = Pvd { method: PvMethod::VisaPvv { pvki: 1 }, key: "pvk.visa".into(), version: 2, value: "15678".into() };
         let s = p.encode();
@@ -496,6 +510,7 @@ mod tests {
             "kwpvd1:ibm3624:pvk.ibm:1:12a4",
             "kwpvd1:md5:pvk:1:00",
             "kwpvd1:hmac:PVK:1:00112233445566778899AABBCCDDEEFF",
+            "kwpvd1:hmac:pvk.hub:1:00112233445566778899aabbccddeeff",
         ] {
             let e = Pvd::parse(bad).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(e.starts_with("verification_data: "), "{bad:?} -> {e:?}");

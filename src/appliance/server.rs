@@ -157,7 +157,13 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             if last != Some(ok) {
                 let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
                 health.set_service_status("", status).await;
-                for svc in ["keyward.v1.KeyService", "keyward.v1.DataService", "keyward.v1.AdminService"] {
+                for svc in [
+                    "keyward.v1.KeyService",
+                    "keyward.v1.DataService",
+                    "keyward.v1.AdminService",
+                    "keyward.v1.PinService",
+                    "keyward.v1.MacService",
+                ] {
                     health.set_service_status(svc, status).await;
                 }
                 if !ok {

@@ -338,6 +338,11 @@ impl Ceremony {
         alg: Algorithm,
         value: Option<Zeroizing<Vec<u8>>>,
     ) -> Result<KeyMeta, CeremonyError> {
+        if [LEFT_SUFFIX, RIGHT_SUFFIX, VARIANT_SUFFIX].iter().any(|s| name.ends_with(s)) {
+            return Err(CeremonyError::Usage(format!(
+                "{name}: names ending in {LEFT_SUFFIX}, {RIGHT_SUFFIX} or {VARIANT_SUFFIX} are the parts of compound keys; name the key itself"
+            )));
+        }
         let parts: Vec<Part> = match Compound::of(class, alg) {
             Some(kind) => {
                 let value = match value {
@@ -382,15 +387,16 @@ impl Ceremony {
             })
             .collect();
         drop(cat);
-        let mut first = None;
-        for (part, part_alg, value) in parts {
-            let meta = self.hsm.create_key_at(&part, class, part_alg, value, KeyState::Active, Some(version))?;
-            first.get_or_insert(meta);
+        // Companions first, the primary part (the name services look up first) last: if a
+        // creation fails half-way, lookups keep using the previous complete version.
+        let mut primary = None;
+        for (part, part_alg, value) in parts.into_iter().rev() {
+            primary = Some(self.hsm.create_key_at(&part, class, part_alg, value, KeyState::Active, Some(version))?);
         }
         for (part, v) in previous {
             self.hsm.set_state(&part, v, KeyState::VerifyOnly)?;
         }
-        first.ok_or_else(|| CeremonyError::Usage("no key created".into()))
+        primary.ok_or_else(|| CeremonyError::Usage("no key created".into()))
     }
 
     /// Class and algorithm of an existing logical key, looking through compound parts.
@@ -399,7 +405,7 @@ impl Ceremony {
         if let Some(e) = cat.versions(&format!("{name}{LEFT_SUFFIX}")).next() {
             return Ok((e.meta.class, Algorithm::Tdes2));
         }
-        let e = cat.active(name)?;
+        let e = cat.versions(name).next().ok_or_else(|| hsm::Error::KeyNotFound(name.to_string()))?;
         if e.meta.algorithm == Algorithm::Des || name.ends_with(VARIANT_SUFFIX) {
             return Err(CeremonyError::Usage(format!(
                 "{name} is one part of a compound key: name the key itself (without {LEFT_SUFFIX}, {RIGHT_SUFFIX} or {VARIANT_SUFFIX})"

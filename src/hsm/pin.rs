@@ -66,8 +66,10 @@ impl PinSourceKey {
         }
     }
 
+    /// AES DUKPT creates session objects (cached intermediate keys, or the halves of an
+    /// AES-256 initial key): those jobs run on the anchor, with object creation serialised.
     fn needs_anchor(&self) -> bool {
-        matches!(self, PinSourceKey::AesDukpt { bdk, .. } if bdk.meta.algorithm == Algorithm::Aes128)
+        matches!(self, PinSourceKey::AesDukpt { .. })
     }
 }
 
@@ -106,7 +108,9 @@ struct CacheInner {
     /// Attachment generation the handles belong to.
     generation: u64,
     tick: u64,
-    terminals: HashMap<(String, [u8; 8]), Terminal>,
+    /// (BDK label, BDK KCV, initial key ID): the KCV tells a BDK recreated under the
+    /// same label apart.
+    terminals: HashMap<(String, String, [u8; 8]), Terminal>,
 }
 
 struct Terminal {
@@ -168,6 +172,13 @@ fn derive_half(s: &Session, base: ObjectHandle, dd: &[u8; 16]) -> Result<Zeroizi
         Attribute::Private(true),
         Attribute::Sensitive(false),
         Attribute::Extractable(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
     ];
     let h = derive_step(s, base, dd, &template)?;
     let read = s.get_attributes(h, &[AttributeType::Value]).map_err(ck("dukpt read half"));
@@ -327,7 +338,7 @@ impl Hsm {
         c.tick += 1;
         let tick = c.tick;
         let id = ksn.initial_key_id();
-        let key = (bdk.meta.label(), id);
+        let key = (bdk.meta.label(), bdk.meta.kcv.clone(), id);
         if !c.terminals.contains_key(&key) {
             if c.terminals.len() >= cache.capacity {
                 if let Some(oldest) = c.terminals.iter().min_by_key(|(_, t)| t.used).map(|(k, _)| k.clone()) {
@@ -455,6 +466,17 @@ impl Hsm {
         if kek.meta.algorithm.family() != Family::Aes {
             return Err(Error::KeyUsage { key: kek.key_ref(), reason: "terminal keys are wrapped under AES KEKs".into() });
         }
+        // A KEK no weaker than the key it carries (an AES-256 initial key needs an AES-256 KEK).
+        let needed = match bdk.meta.algorithm {
+            Algorithm::Aes256 => 32,
+            _ => 16,
+        };
+        if kek.meta.algorithm.secret_len().unwrap_or(0) < needed {
+            return Err(Error::KeyUsage {
+                key: kek.key_ref(),
+                reason: format!("weaker than the {} initial key it would carry", bdk.meta.algorithm),
+            });
+        }
         self.call_anchor(move |s, cat| {
             let b = cat.handles_of(&bdk)?;
             let k = cat.handles_of(&kek)?;
@@ -497,6 +519,11 @@ fn import_transient(s: &Session, alg: Algorithm, value: &Zeroizing<Vec<u8>>) -> 
         Attribute::Extractable(true),
         Attribute::Encrypt(!is_aes),
         Attribute::Sign(is_aes),
+        Attribute::Decrypt(false),
+        Attribute::Verify(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
         Attribute::Value(value.to_vec()),
     ];
     let h = s.create_object(&t).map_err(ck("create_object"));

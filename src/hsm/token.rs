@@ -463,10 +463,11 @@ impl Hsm {
     /// As [`Hsm::with_anchor`], from async code, on a token worker thread: for work
     /// that creates session objects which must outlive the pooled session (derived
     /// key caches belong to the anchor, which lives as long as the attachment).
+    /// A lost session or login is recovered once and `f` retried, as in [`Hsm::exec`].
     pub(crate) async fn call_anchor<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Session, &Catalogue) -> Result<T> + Send + 'static,
+        F: Fn(&Session, &Catalogue) -> Result<T> + Send + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel::<Result<T>>();
         let tx = Arc::new(Mutex::new(Some(tx)));
@@ -474,7 +475,14 @@ impl Hsm {
         let this = self.clone();
         self.inner.workers.submit(Job {
             run: Box::new(move || {
-                let r = this.with_anchor(f);
+                let gen = this.generation();
+                let r = match this.with_anchor(&f) {
+                    Err(e) if e.is_recoverable() => {
+                        tracing::warn!(error = %e, "retrying after token recovery");
+                        this.recover(Some(gen)).and_then(|()| this.with_anchor(&f))
+                    }
+                    other => other,
+                };
                 if let Some(tx) = lock(&tx).take() {
                     let _ = tx.send(r);
                 }
