@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/keyward/v1/admin.proto",
         "proto/keyward/v1/pin.proto",
         "proto/keyward/v1/mac.proto",
+        "proto/keyward/v1/otp.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

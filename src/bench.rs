@@ -27,11 +27,13 @@ use crate::hsm::{Hsm, KeyClass, KeyEntry};
 use crate::proto::admin_service_client::AdminServiceClient;
 use crate::proto::data_service_client::DataServiceClient;
 use crate::proto::mac_service_client::MacServiceClient;
+use crate::proto::otp_service_client::OtpServiceClient;
 use crate::proto::pin_service_client::PinServiceClient;
 use crate::proto::{
     account, pin_source, Account as AccountMsg, DecryptRequest, Dukpt, EncryptRequest, EncryptedPin,
     ExportTerminalKeyRequest, GenerateMacRequest, GeneratePinVerificationDataRequest, PinBlockFormat, PinSource,
-    PinVerificationMethod, PingRequest, TranslatePinRequest, VerifyPinRequest, ZoneKey,
+    PinVerificationMethod, PingRequest, TranslatePinRequest, VerifyPinRequest, ZoneKey, CodeVerdict, EnrollTotpRequest,
+    IssueCodeRequest, TransactionContext, VerifyCodeRequest, VerifyTotpRequest,
 };
 use crate::sim::terminal::Terminal;
 
@@ -100,6 +102,12 @@ pub enum Op {
     VerifyPin,
     /// MacService.GenerateMac, AES-CMAC under mac.switch over --payload bytes.
     Mac,
+    /// OtpService.IssueCode, a payment code bound to a transaction, in clear.
+    OtpIssue,
+    /// OtpService.VerifyCode of codes issued beforehand (not timed), each verified once.
+    OtpVerify,
+    /// OtpService.VerifyTotp with the current code of an enrolled seed (unwrapped seed cached in the token).
+    TotpVerify,
     /// AES-GCM encryption in-process on the token: no gRPC, TLS or audit (the ceiling).
     RawEncrypt,
     /// AES-GCM decryption in-process on the token.
@@ -116,6 +124,9 @@ impl Op {
             Op::TranslateDukpt => "translate-dukpt",
             Op::VerifyPin => "verify-pin",
             Op::Mac => "mac",
+            Op::OtpIssue => "otp-issue",
+            Op::OtpVerify => "otp-verify",
+            Op::TotpVerify => "totp-verify",
             Op::RawEncrypt => "raw-encrypt",
             Op::RawDecrypt => "raw-decrypt",
         }
@@ -605,6 +616,9 @@ enum Target {
     TranslateDukpt { client: PinServiceClient<Channel>, terminal: Box<Terminal> },
     VerifyPin { client: PinServiceClient<Channel>, req: VerifyPinRequest },
     Mac { client: MacServiceClient<Channel>, req: GenerateMacRequest },
+    OtpIssue { client: OtpServiceClient<Channel>, req: IssueCodeRequest },
+    OtpVerify { client: OtpServiceClient<Channel>, issued: Vec<(Vec<u8>, String)> },
+    TotpVerify { client: OtpServiceClient<Channel>, seed: Zeroizing<Vec<u8>>, blob: Vec<u8> },
     RawEncrypt { hsm: Hsm, key: Arc<KeyEntry>, plaintext: Vec<u8> },
     RawDecrypt { hsm: Hsm, key: Arc<KeyEntry>, iv: [u8; 12], ciphertext: Vec<u8> },
 }
@@ -630,6 +644,33 @@ impl Target {
                 Err(s) => Err(status_text(s)),
             },
             Target::Mac { client, req } => client.generate_mac(req.clone()).await.map(drop).map_err(status_text),
+            Target::OtpIssue { client, req } => client.issue_code(req.clone()).await.map(drop).map_err(status_text),
+            Target::OtpVerify { client, issued } => {
+                let (challenge, code) = issued.pop().ok_or("ran out of issued challenges (a longer run needs more challenges than the appliance keeps)")?;
+                let r = client.verify_code(otp_verify_request(challenge, code)).await.map_err(status_text)?;
+                if r.get_ref().verdict == CodeVerdict::Valid as i32 {
+                    Ok(())
+                } else {
+                    Err(format!("verdict {} for a fresh code", r.get_ref().verdict))
+                }
+            }
+            Target::TotpVerify { client, seed, blob } => {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                let code = totp_now(seed, now)?;
+                let req = VerifyTotpRequest {
+                    seed_blob: blob.clone(),
+                    subject: BENCH_SUBJECT.into(),
+                    code: code.to_string(),
+                    last_step: 0,
+                    time: now,
+                    window: 1,
+                };
+                match client.verify_totp(req).await {
+                    Ok(r) if r.get_ref().valid => Ok(()),
+                    Ok(_) => Err("the current TOTP code did not verify".into()),
+                    Err(s) => Err(status_text(s)),
+                }
+            }
             Target::RawEncrypt { hsm, key, plaintext } => hsm
                 .gcm_encrypt(key, BENCH_AAD.to_vec(), plaintext.clone())
                 .await
@@ -782,6 +823,43 @@ async fn drive(
 fn payload_bytes(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i % 251) as u8).collect()
 }
+
+const BENCH_SUBJECT: &str = "acct-bench-0001";
+
+fn otp_context() -> TransactionContext {
+    TransactionContext { amount_minor: 10_000, currency: "CNY".into(), payee_id: "merchant-42".into(), reference: "T-bench".into() }
+}
+
+fn otp_issue_request() -> IssueCodeRequest {
+    IssueCodeRequest {
+        subject: BENCH_SUBJECT.into(),
+        purpose: "payment".into(),
+        context: Some(otp_context()),
+        lifetime_seconds: 600,
+        digits: 6,
+        sealed_for: String::new(),
+    }
+}
+
+fn otp_verify_request(challenge: Vec<u8>, code: String) -> VerifyCodeRequest {
+    VerifyCodeRequest { challenge, code, subject: BENCH_SUBJECT.into(), purpose: "payment".into(), context: Some(otp_context()) }
+}
+
+/// The TOTP code (SHA-1, 6 digits, 30 s) of a seed at `unix`, as an authenticator computes it.
+fn totp_now(seed: &[u8], unix: u64) -> Result<Zeroizing<String>, String> {
+    let key = openssl::pkey::PKey::hmac(seed).map_err(|e| e.to_string())?;
+    let mut signer = openssl::sign::Signer::new(openssl::hash::MessageDigest::sha1(), &key).map_err(|e| e.to_string())?;
+    let mac = Zeroizing::new(
+        signer
+            .sign_oneshot_to_vec(&crate::crypto::otp::counter_bytes(crate::crypto::otp::totp_step(unix, 30)))
+            .map_err(|e| e.to_string())?,
+    );
+    crate::crypto::otp::truncate(&mac, 6).map_err(|e| e.to_string())
+}
+
+/// Challenges issued per worker before otp-verify is measured (the appliance keeps
+/// at most `otp.max_open_challenges`, 100,000 in the example config).
+const OTP_ISSUED_TOTAL: usize = 90_000;
 
 /// What the PIN operations need from a spawned appliance's state.
 struct PinSetup {
@@ -976,6 +1054,77 @@ async fn run_network(
                     }
                 }
             }
+            Op::OtpIssue => {
+                let req = otp_issue_request();
+                drive(plan, op, |w| Target::OtpIssue { client: OtpServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
+                    .await?
+            }
+            Op::OtpVerify => {
+                let per_worker = OTP_ISSUED_TOTAL.div_ceil(plan.concurrency);
+                eprintln!("bench: otp-verify: issuing {} challenges first (not measured)", per_worker * plan.concurrency);
+                let mut tasks = Vec::with_capacity(plan.concurrency);
+                for w in 0..plan.concurrency {
+                    let mut c = OtpServiceClient::new(ch(w));
+                    tasks.push(tokio::spawn(async move {
+                        let mut issued = Vec::with_capacity(per_worker);
+                        for _ in 0..per_worker {
+                            let r = c.issue_code(otp_issue_request()).await.map_err(status_text)?.into_inner();
+                            issued.push((r.challenge, r.code));
+                        }
+                        Ok::<_, String>(issued)
+                    }));
+                }
+                let mut batches = Vec::with_capacity(plan.concurrency);
+                for t in tasks {
+                    batches.push(
+                        t.await
+                            .map_err(|e| BenchError::Failed(format!("otp set-up: {e}")))?
+                            .map_err(|e| BenchError::Failed(format!("otp set-up: IssueCode: {e}")))?,
+                    );
+                }
+                let mut batches = batches.into_iter();
+                drive(
+                    plan,
+                    op,
+                    |w| Target::OtpVerify { client: OtpServiceClient::new(ch(w)), issued: batches.next().unwrap_or_default() },
+                    Some(channels.len()),
+                    None,
+                )
+                .await?
+            }
+            Op::TotpVerify => {
+                let mut c = OtpServiceClient::new(ch(0));
+                let e = c
+                    .enroll_totp(EnrollTotpRequest {
+                        subject: BENCH_SUBJECT.into(),
+                        issuer: "keyward bench".into(),
+                        account_label: BENCH_SUBJECT.into(),
+                        algorithm: 0,
+                        digits: 6,
+                        period: 30,
+                    })
+                    .await
+                    .map_err(|s| BenchError::Failed(format!("totp set-up: EnrollTotp: {}", status_text(s))))?
+                    .into_inner();
+                let secret = e
+                    .provisioning_uri
+                    .split(['?', '&'])
+                    .find_map(|kv| kv.strip_prefix("secret="))
+                    .ok_or_else(|| BenchError::Failed("totp set-up: no secret in the URI".into()))?;
+                let seed = Zeroizing::new(
+                    data_encoding::BASE32_NOPAD
+                        .decode(secret.as_bytes())
+                        .map_err(|_| BenchError::Failed("totp set-up: secret not base32".into()))?,
+                );
+                drive(
+                    plan,
+                    op,
+                    |w| Target::TotpVerify { client: OtpServiceClient::new(ch(w)), seed: seed.clone(), blob: e.seed_blob.clone() },
+                    Some(channels.len()),
+                    None,
+                )
+                .await?
+            }
             Op::Mac => {
                 let req = GenerateMacRequest { key_name: "mac.switch".into(), data: plaintext.clone(), padding: 0, mac_length: 0 };
                 drive(plan, op, |w| Target::Mac { client: MacServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
@@ -1136,6 +1285,9 @@ fn ratios(rows: &[Row]) -> Vec<String> {
         (Op::TranslateDukpt, Op::Ping),
         (Op::VerifyPin, Op::Ping),
         (Op::Mac, Op::Ping),
+        (Op::OtpIssue, Op::Ping),
+        (Op::OtpVerify, Op::Ping),
+        (Op::TotpVerify, Op::Ping),
         (Op::Encrypt, Op::RawEncrypt),
         (Op::Decrypt, Op::RawDecrypt),
     ] {

@@ -10,6 +10,7 @@ use crate::proto::admin_service_client::AdminServiceClient;
 use crate::proto::data_service_client::DataServiceClient;
 use crate::proto::key_service_client::KeyServiceClient;
 use crate::proto::mac_service_client::MacServiceClient;
+use crate::proto::otp_service_client::OtpServiceClient;
 use crate::proto::pin_service_client::PinServiceClient;
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +75,7 @@ pub struct Clients {
     pub admin: AdminServiceClient<Channel>,
     pub pin: PinServiceClient<Channel>,
     pub mac: MacServiceClient<Channel>,
+    pub otp: OtpServiceClient<Channel>,
 }
 
 impl Clients {
@@ -83,7 +85,8 @@ impl Clients {
             data: DataServiceClient::new(ch.clone()),
             admin: AdminServiceClient::new(ch.clone()),
             pin: PinServiceClient::new(ch.clone()),
-            mac: MacServiceClient::new(ch),
+            mac: MacServiceClient::new(ch.clone()),
+            otp: OtpServiceClient::new(ch),
         }
     }
 }

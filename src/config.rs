@@ -37,6 +37,8 @@ struct RawConfig {
     limits: RawLimits,
     audit: RawAudit,
     #[serde(default)]
+    otp: RawOtp,
+    #[serde(default)]
     clients: BTreeMap<String, String>,
     #[serde(default)]
     roles: BTreeMap<String, RawRole>,
@@ -110,6 +112,37 @@ impl Default for RawLimits {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawOtp {
+    #[serde(default = "default_otp_attempts")]
+    max_attempts: u8,
+    #[serde(default = "default_otp_challenges")]
+    max_open_challenges: usize,
+}
+
+fn default_otp_attempts() -> u8 {
+    5
+}
+fn default_otp_challenges() -> usize {
+    100_000
+}
+
+impl Default for RawOtp {
+    fn default() -> Self {
+        RawOtp { max_attempts: default_otp_attempts(), max_open_challenges: default_otp_challenges() }
+    }
+}
+
+/// Dynamic-code settings.
+#[derive(Debug, Clone)]
+pub struct OtpConfig {
+    /// Attempts per challenge (1-10; default 5).
+    pub max_attempts: u8,
+    /// Challenges whose attempt state is kept; beyond, IssueCode is refused.
+    pub max_open_challenges: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawAudit {
     dir: String,
     #[serde(default = "default_checkpoint")]
@@ -134,10 +167,13 @@ struct RawRole {
 }
 
 /// Permissions a role may be granted besides RPCs and keys: (name, what it allows).
-pub const PERMISSIONS: &[(&str, &str)] = &[(
-    "pin.change-account",
-    "PinService.TranslatePin may give the destination block another account field than the source's",
-)];
+pub const PERMISSIONS: &[(&str, &str)] = &[
+    (
+        "pin.change-account",
+        "PinService.TranslatePin may give the destination block another account field than the source's",
+    ),
+    ("otp.clear-code", "OtpService.IssueCode may return the code in clear (else only sealed for an operator)"),
+];
 
 /// Token settings.
 #[derive(Debug, Clone)]
@@ -211,6 +247,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub limits: Limits,
     pub audit: AuditConfig,
+    pub otp: OtpConfig,
     /// Client identity (first SAN URI, else subject CN) -> role name.
     pub clients: BTreeMap<String, String>,
     pub roles: BTreeMap<String, Arc<Role>>,
@@ -358,6 +395,12 @@ impl Config {
             }
         };
 
+        if !(1..=10).contains(&raw.otp.max_attempts) {
+            c.errors.push("otp.max_attempts: must be 1-10".into());
+        }
+        if !(1..=10_000_000).contains(&raw.otp.max_open_challenges) {
+            c.errors.push("otp.max_open_challenges: must be 1-10000000".into());
+        }
         let l = &raw.limits;
         if l.max_message_bytes < 1024 || l.max_message_bytes > 64 << 20 {
             c.errors.push("limits.max_message_bytes: must be 1 KiB - 64 MiB".into());
@@ -439,6 +482,7 @@ impl Config {
                         concurrency: l.concurrency,
                     },
                     audit: AuditConfig { dir, checkpoint_every: raw.audit.checkpoint_every },
+                    otp: OtpConfig { max_attempts: raw.otp.max_attempts, max_open_challenges: raw.otp.max_open_challenges },
                     clients: raw.clients,
                     roles,
                 })

@@ -21,8 +21,10 @@ use crate::proto::{
     account, pin_source, Account as AccountMsg, DecryptRequest, Dukpt, EncryptRequest, EncryptedPin,
     ExportTerminalKeyRequest, GenerateMacRequest, GeneratePinVerificationDataRequest, GetKeyRequest, ListKeysRequest,
     PinBlockFormat, PinSource, PinVerificationMethod, PingRequest, TranslatePinRequest, VerifyMacRequest,
-    VerifyPinRequest, ZoneKey,
+    VerifyPinRequest, ZoneKey, CodeVerdict, EnrollTotpRequest, IssueCodeRequest, TransactionContext, VerifyCodeRequest,
+    VerifyTotpRequest,
 };
+use std::time::{SystemTime, UNIX_EPOCH};
 use crate::sim::terminal::Terminal;
 use zeroize::Zeroizing;
 
@@ -183,6 +185,13 @@ pub fn ceremony_init(p: &Prepared, profile: &Path) -> Result<Vec<crate::hsm::Key
 /// AES-256) with `ceremony import-components`; the same clear value is what a
 /// terminal gets keyed with at the facility. Returns that value.
 pub fn load_transport_key(p: &Prepared, name: &str) -> Result<Zeroizing<Vec<u8>>, DemoError> {
+    load_shared_key(p, name, KeyClass::K0)
+}
+
+/// A key shared with a counterparty (AES-256, class `class`): two random custodian
+/// components imported as a new version of `name`; returns the clear value the
+/// counterparty is given.
+pub fn load_shared_key(p: &Prepared, name: &str, class: KeyClass) -> Result<Zeroizing<Vec<u8>>, DemoError> {
     let args = TokenArgs { config: Some(p.config.clone()), module: PathBuf::new(), token_label: String::new(), audit_dir: None };
     let c = Ceremony::open(&args)?;
     let mut parts = Vec::new();
@@ -195,7 +204,7 @@ pub fn load_transport_key(p: &Prepared, name: &str) -> Result<Zeroizing<Vec<u8>>
         }
         parts.push(part);
     }
-    let meta = c.import_components(name, KeyClass::K0, Algorithm::Aes256, &parts, None)?;
+    let meta = c.import_components(name, class, Algorithm::Aes256, &parts, None)?;
     println!("imported {} from 2 components, KCV {}", meta.key_ref(), meta.kcv);
     c.close()?;
     Ok(combined)
@@ -346,6 +355,144 @@ async fn pin_flows(addr: &str, p: &Prepared, tmk: &[u8]) -> Result<(), DemoError
     Ok(())
 }
 
+/// What the simulated SMS operator does with a sealed code: AES-256-GCM open with its
+/// copy of the delivery key, the challenge id as associated data.
+fn operator_open(zek: &[u8], challenge_id: &[u8], sealed: &[u8]) -> Result<Zeroizing<String>, DemoError> {
+    if sealed.len() < 12 + 16 {
+        return Err(DemoError::Step("sealed code too short".into()));
+    }
+    let (iv, rest) = sealed.split_at(12);
+    let (ct, tag) = rest.split_at(rest.len() - 16);
+    let code = openssl::symm::decrypt_aead(openssl::symm::Cipher::aes_256_gcm(), zek, Some(iv), challenge_id, ct, tag)
+        .map_err(|_| DemoError::Step("the operator cannot open the sealed code".into()))?;
+    Ok(Zeroizing::new(String::from_utf8_lossy(&code).into_owned()))
+}
+
+/// What an authenticator app shows now for the `otpauth://` URI (SHA-1, 6 digits, 30 s).
+fn authenticator_code(uri: &str, unix: u64) -> Result<Zeroizing<String>, DemoError> {
+    let secret = uri
+        .split(['?', '&'])
+        .find_map(|kv| kv.strip_prefix("secret="))
+        .ok_or_else(|| DemoError::Step("no secret in the provisioning URI".into()))?;
+    let seed = Zeroizing::new(
+        data_encoding::BASE32_NOPAD
+            .decode(secret.as_bytes())
+            .map_err(|_| DemoError::Step("provisioning URI secret is not base32".into()))?,
+    );
+    let key = openssl::pkey::PKey::hmac(&seed).map_err(|e| DemoError::Step(e.to_string()))?;
+    let mut signer = openssl::sign::Signer::new(openssl::hash::MessageDigest::sha1(), &key).map_err(|e| DemoError::Step(e.to_string()))?;
+    let step = crate::crypto::otp::totp_step(unix, 30);
+    let mac = Zeroizing::new(
+        signer.sign_oneshot_to_vec(&crate::crypto::otp::counter_bytes(step)).map_err(|e| DemoError::Step(e.to_string()))?,
+    );
+    crate::crypto::otp::truncate(&mac, 6).map_err(|e| DemoError::Step(e.to_string()))
+}
+
+/// Step 8: a payment code bound to amount and payee, delivered sealed through the
+/// operator; a TOTP authenticator.
+async fn otp_flows(addr: &str, p: &Prepared, zek: &[u8]) -> Result<(), DemoError> {
+    step(8, "dynamic codes: a payment code bound to the transaction, and a TOTP authenticator");
+    let hub = Clients::new(client::connect(addr, &ClientTls::dev(&p.pki, "hub")).await?);
+    let activation = Clients::new(client::connect(addr, &ClientTls::dev(&p.pki, "activation")).await?);
+    let tx = |amount: i64| TransactionContext {
+        amount_minor: amount,
+        currency: "CNY".into(),
+        payee_id: "merchant-42".into(),
+        reference: "T-20261123-0001".into(),
+    };
+    let issue = |amount: i64| IssueCodeRequest {
+        subject: "acct-7f3a9c".into(),
+        purpose: "payment".into(),
+        context: Some(tx(amount)),
+        lifetime_seconds: 0,
+        digits: 6,
+        sealed_for: "zek.operator-demo".into(),
+    };
+    let verify = |challenge: &[u8], code: &str, amount: i64| VerifyCodeRequest {
+        challenge: challenge.to_vec(),
+        code: code.to_string(),
+        subject: "acct-7f3a9c".into(),
+        purpose: "payment".into(),
+        context: Some(tx(amount)),
+    };
+    let verdict = |v: i32| CodeVerdict::try_from(v).map(|v| v.as_str_name()).unwrap_or("?");
+    let issued = hub.otp.clone().issue_code(issue(10_000)).await?.into_inner();
+    println!(
+        "IssueCode (hub) for 100.00 CNY to merchant-42: challenge of {} bytes, code sealed for the operator ({} bytes; the hub never sees it)",
+        issued.challenge.len(),
+        issued.sealed_code.len()
+    );
+    let code = operator_open(zek, &issued.challenge_id, &issued.sealed_code)?;
+    println!("the operator opens it and sends the SMS; the user types the code");
+    let first = hub.otp.clone().verify_code(verify(&issued.challenge, &code, 10_000)).await?.into_inner();
+    let again = hub.otp.clone().verify_code(verify(&issued.challenge, &code, 10_000)).await?.into_inner();
+    println!("VerifyCode -> {}; the same code again -> {}", verdict(first.verdict), verdict(again.verdict));
+    let other = hub.otp.clone().issue_code(issue(10_000)).await?.into_inner();
+    let other_code = operator_open(zek, &other.challenge_id, &other.sealed_code)?;
+    let changed = hub.otp.clone().verify_code(verify(&other.challenge, &other_code, 10_001)).await?.into_inner();
+    println!("a new code presented for 100.01 CNY instead of 100.00 -> {}", verdict(changed.verdict));
+    if first.verdict != CodeVerdict::Valid as i32
+        || again.verdict != CodeVerdict::AlreadyUsed as i32
+        || changed.verdict != CodeVerdict::Invalid as i32
+    {
+        return Err(DemoError::Step("dynamic code verdicts are not VALID, ALREADY_USED, INVALID".into()));
+    }
+    let mut clear = issue(10_000);
+    clear.sealed_for = String::new();
+    expect_refused(hub.otp.clone().issue_code(clear).await, Code::PermissionDenied, "hub -> IssueCode with the code in clear")?;
+
+    let enrolled = activation
+        .otp
+        .clone()
+        .enroll_totp(EnrollTotpRequest {
+            subject: "acct-7f3a9c".into(),
+            issuer: "Keyward Demo Bank".into(),
+            account_label: "acct-7f3a9c".into(),
+            algorithm: 0,
+            digits: 6,
+            period: 30,
+        })
+        .await?
+        .into_inner();
+    println!(
+        "EnrollTotp (activation): provisioning URI shown once to the authenticator app; seed blob of {} bytes stored with the account",
+        enrolled.seed_blob.len()
+    );
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let app_code = authenticator_code(&enrolled.provisioning_uri, now)?;
+    let v = hub
+        .otp
+        .clone()
+        .verify_totp(VerifyTotpRequest {
+            seed_blob: enrolled.seed_blob.clone(),
+            subject: "acct-7f3a9c".into(),
+            code: app_code.to_string(),
+            last_step: 0,
+            time: now,
+            window: 1,
+        })
+        .await?
+        .into_inner();
+    let replay = hub
+        .otp
+        .clone()
+        .verify_totp(VerifyTotpRequest {
+            seed_blob: enrolled.seed_blob,
+            subject: "acct-7f3a9c".into(),
+            code: app_code.to_string(),
+            last_step: v.step,
+            time: now,
+            window: 1,
+        })
+        .await?
+        .into_inner();
+    println!("VerifyTotp with the app's current code -> valid: {} (step {}); the same code again -> valid: {}", v.valid, v.step, replay.valid);
+    if !v.valid || replay.valid {
+        return Err(DemoError::Step("TOTP verification answered wrongly".into()));
+    }
+    Ok(())
+}
+
 /// Prints a refusal the demo expects, or fails the demo if the call was not refused with `code`.
 fn expect_refused<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, code: Code, what: &str) -> Result<(), DemoError> {
     match r {
@@ -399,11 +546,13 @@ fn run(args: DemoArgs) -> Result<(), DemoError> {
 
     println!("\nkey-injection facility: terminal transport key from two custodian components");
     let tmk = load_transport_key(&p, "tmk.terminals")?;
+    println!("SMS operator: code delivery key from two custodian components");
+    let zek = load_shared_key(&p, "zek.operator-demo", KeyClass::Otp)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(flows(&p, &tmk))?;
+    rt.block_on(flows(&p, &tmk, &zek))?;
 
-    step(8, "audit trail: `keyward audit verify`");
+    step(9, "audit trail: `keyward audit verify`");
     let hsm = ceremony::open_token_only(&TokenArgs {
         config: Some(p.config.clone()),
         module: PathBuf::new(),
@@ -422,7 +571,7 @@ fn run(args: DemoArgs) -> Result<(), DemoError> {
     Ok(())
 }
 
-async fn flows(p: &Prepared, tmk: &[u8]) -> Result<(), DemoError> {
+async fn flows(p: &Prepared, tmk: &[u8], zek: &[u8]) -> Result<(), DemoError> {
     step(3, "the appliance: mTLS gRPC on a free loopback port");
     let config = Config::load(&p.config)?;
     let running = server::start(config).await?;
@@ -477,6 +626,7 @@ async fn flows(p: &Prepared, tmk: &[u8]) -> Result<(), DemoError> {
     )?;
     drop((admin, hub, auditor));
     pin_flows(&addr, p, tmk).await?;
+    otp_flows(&addr, p, zek).await?;
     running.shutdown().await?;
     println!("appliance stopped cleanly (final audit checkpoint written)");
     Ok(())

@@ -10,6 +10,8 @@ pub mod data_service;
 pub mod error;
 pub mod key_service;
 pub mod mac_service;
+pub mod otp_service;
+pub mod otp_store;
 pub mod pin_service;
 pub mod server;
 

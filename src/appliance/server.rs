@@ -16,6 +16,7 @@ use super::audit::{AuditEvent, AuditOptions, AuditTrail, EventKind};
 use super::auth::AuthLayer;
 use super::data_service::DataSvc;
 use super::mac_service::MacSvc;
+use super::otp_service::OtpSvc;
 use super::pin_service::PinSvc;
 use super::key_service::KeySvc;
 use super::AppState;
@@ -24,6 +25,7 @@ use crate::hsm::{Hsm, HsmOptions};
 use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::data_service_server::DataServiceServer;
 use crate::proto::mac_service_server::MacServiceServer;
+use crate::proto::otp_service_server::OtpServiceServer;
 use crate::proto::pin_service_server::PinServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
 
@@ -42,6 +44,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
     Reflection(String),
+    #[error("service set-up: {0}")]
+    Setup(String),
 }
 
 /// Opens the token with the config's settings (keys copied into session objects).
@@ -120,6 +124,8 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let admin = AdminServiceServer::new(AdminSvc { state: Arc::clone(&state) }).max_decoding_message_size(max);
     let pin = PinServiceServer::new(PinSvc::new(Arc::clone(&state))).max_decoding_message_size(max);
     let mac = MacServiceServer::new(MacSvc { state: Arc::clone(&state) }).max_decoding_message_size(max);
+    let otp = OtpServiceServer::new(OtpSvc::new(Arc::clone(&state)).map_err(|e| ServeError::Setup(e.to_string()))?)
+        .max_decoding_message_size(max);
 
     let incoming = TcpIncoming::bind(config.server.listen)
         .map_err(|err| ServeError::Bind { addr: config.server.listen, err })?
@@ -138,7 +144,8 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         .add_service(data)
         .add_service(admin)
         .add_service(pin)
-        .add_service(mac);
+        .add_service(mac)
+        .add_service(otp);
 
     // Health follows the token and the audit trail: NOT_SERVING while either is down.
     let watch_state = Arc::clone(&state);
@@ -163,6 +170,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
                     "keyward.v1.AdminService",
                     "keyward.v1.PinService",
                     "keyward.v1.MacService",
+                    "keyward.v1.OtpService",
                 ] {
                     health.set_service_status(svc, status).await;
                 }

@@ -3,4 +3,5 @@
 pub mod dukpt;
 pub mod encoding;
 pub mod mac;
+pub mod otp;
 pub mod pin;

@@ -6,6 +6,7 @@
 mod keys;
 mod mac;
 mod ops;
+mod otp;
 mod pin;
 mod token;
 
@@ -14,6 +15,7 @@ pub use keys::{
     Usage, GCM_LIMIT, LEFT_SUFFIX, RIGHT_SUFFIX, VARIANT_SUFFIX,
 };
 pub use mac::{MacAlgorithm, MacKey};
+pub use otp::{SeedCache, SeedHash};
 pub use pin::{format_matches as pin_format_matches, DukptCache, PinInput, PinSourceKey, PvMethod};
 pub use ops::low_s_normalise;
 pub use token::{Hsm, HsmOptions};

@@ -470,6 +470,16 @@ impl Hsm {
         })
     }
 
+    /// As [`Hsm::random`], from async code (on a token worker thread).
+    pub async fn random_async(&self, len: usize) -> Result<Zeroizing<Vec<u8>>> {
+        self.call(move |s, _| {
+            let mut v = Zeroizing::new(vec![0u8; len]);
+            s.generate_random_slice(&mut v).map_err(ck("generate_random"))?;
+            Ok(v)
+        })
+        .await
+    }
+
     /// A fresh random value from the token's RNG, in zeroizing memory.
     pub fn random(&self, len: usize) -> Result<Zeroizing<Vec<u8>>> {
         self.exec(|s, _| {

@@ -1,0 +1,416 @@
+//! OtpService: transaction-bound dynamic codes (IssueCode / VerifyCode) and
+//! TOTP/HOTP for authenticator apps. Codes are HMACs in the token under the `otp`
+//! key over the challenge nonce, subject, purpose and the transaction's digest;
+//! challenges are sealed with `otp.seal` (AES-GCM) and carry this appliance's boot
+//! identity; attempts and single use are counted in a bounded per-appliance store.
+//! Seeds leave the appliance only wrapped under `otp.kek` (and once inside the
+//! enrolment URI).
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use super::otp_store::{Admission, AttemptStore};
+use super::{AppState, Caller, Error, Note};
+use crate::crypto::mac::ct_eq;
+use crate::crypto::otp::{self, Challenge, OtpError, OtpHash, SeedBlob, TxContext};
+use crate::hsm::{self, KeyClass, KeyEntry, SeedCache, SeedHash};
+use crate::proto::otp_service_server::OtpService;
+use crate::proto::{
+    CodeVerdict, EnrollTotpRequest, EnrollTotpResponse, IssueCodeRequest, IssueCodeResponse, KeyRef, OtpHashAlgorithm,
+    TransactionContext, VerifyCodeRequest, VerifyCodeResponse, VerifyHotpRequest, VerifyHotpResponse, VerifyTotpRequest,
+    VerifyTotpResponse,
+};
+
+/// Role permission needed to receive codes in clear.
+pub const CLEAR_CODE: &str = "otp.clear-code";
+/// Key names of the service.
+pub const CODE_KEY: &str = "otp";
+pub const SEAL_KEY: &str = "otp.seal";
+pub const SEED_KEK: &str = "otp.kek";
+const DEFAULT_LIFETIME: u32 = 300;
+const MAX_LIFETIME: u32 = 600;
+/// Unwrapped seeds kept in the token.
+pub const SEED_CACHE: usize = 4096;
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl From<OtpError> for Error {
+    fn from(e: OtpError) -> Self {
+        match e {
+            OtpError::Invalid { field, msg } => Error::invalid(field, msg),
+        }
+    }
+}
+
+fn key_ref(e: &KeyEntry) -> KeyRef {
+    KeyRef { name: e.meta.name.clone(), version: e.meta.version }
+}
+
+fn context(c: Option<TransactionContext>) -> Result<TxContext, Error> {
+    let c = c.ok_or_else(|| Error::invalid("context", "required: amount, currency, payee and reference"))?;
+    let tx = TxContext { amount_minor: c.amount_minor, currency: c.currency, payee_id: c.payee_id, reference: c.reference };
+    tx.validate()?;
+    Ok(tx)
+}
+
+fn digits_of(field: &'static str, d: u32) -> Result<u8, Error> {
+    match d {
+        0 => Ok(6),
+        6..=8 => Ok(d as u8),
+        _ => Err(Error::invalid(field, "must be 6-8 (or 0 for 6)")),
+    }
+}
+
+/// A typed code: 6-8 ASCII digits, else simply not a match.
+fn code_shape_ok(code: &str, digits: u8) -> bool {
+    code.len() == digits as usize && code.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn seed_hash(h: OtpHash) -> SeedHash {
+    match h {
+        OtpHash::Sha1 => SeedHash::Sha1,
+        OtpHash::Sha256 => SeedHash::Sha256,
+        OtpHash::Sha512 => SeedHash::Sha512,
+    }
+}
+
+pub struct OtpSvc {
+    pub state: Arc<AppState>,
+    store: AttemptStore,
+    seeds: Arc<SeedCache>,
+    /// This process's boot identity, sealed into every challenge it issues.
+    boot: [u8; 16],
+}
+
+impl OtpSvc {
+    pub fn new(state: Arc<AppState>) -> Result<OtpSvc, Error> {
+        let mut boot = [0u8; 16];
+        boot[..8].copy_from_slice(&state.boot_epoch.to_be_bytes());
+        openssl::rand::rand_bytes(&mut boot[8..]).map_err(|e| Error::Internal(format!("os rng: {e}")))?;
+        let store = AttemptStore::new(state.config.otp.max_open_challenges);
+        Ok(OtpSvc { state, store, seeds: Arc::new(SeedCache::new(SEED_CACHE)), boot })
+    }
+
+    async fn code_of(&self, otp_key: &Arc<KeyEntry>, ch: &Challenge, subject: &str, purpose: &str, tx: &TxContext) -> Result<Zeroizing<String>, Error> {
+        let input = otp::code_input(&ch.nonce, subject, purpose, &tx.digest());
+        let mac = Zeroizing::new(self.state.hsm.hmac(otp_key, input).await?);
+        Ok(otp::truncate(&mac, u32::from(ch.digits))?)
+    }
+
+    async fn issue_inner(&self, caller: &Caller, note: &mut Note, r: IssueCodeRequest) -> Result<IssueCodeResponse, Error> {
+        otp::validate_subject(&r.subject)?;
+        otp::validate_purpose(&r.purpose)?;
+        let tx = context(r.context)?;
+        let lifetime = match r.lifetime_seconds {
+            0 => DEFAULT_LIFETIME,
+            l if l <= MAX_LIFETIME => l,
+            _ => return Err(Error::invalid("lifetime_seconds", format!("at most {MAX_LIFETIME}"))),
+        };
+        let digits = digits_of("digits", r.digits)?;
+        let delivery = if r.sealed_for.is_empty() {
+            if !caller.role.has_permission(CLEAR_CODE) {
+                return Err(Error::PermissionDenied(format!(
+                    "role {} may not receive codes in clear (permission {CLEAR_CODE}): name an operator key in sealed_for",
+                    caller.role.name
+                )));
+            }
+            None
+        } else {
+            hsm::validate_name(&r.sealed_for).map_err(|m| Error::invalid("sealed_for", m))?;
+            if [CODE_KEY, SEAL_KEY].contains(&r.sealed_for.as_str()) {
+                return Err(Error::invalid("sealed_for", "name an operator's delivery key"));
+            }
+            caller.may_use_key(&r.sealed_for)?;
+            Some(self.state.hsm.catalogue().for_new(&r.sealed_for, &[KeyClass::Otp])?)
+        };
+        if let Some(d) = &delivery {
+            if d.meta.algorithm.secret_len() != Some(32) || d.meta.algorithm.hmac_mechanism().is_some() {
+                return Err(Error::FailedPrecondition(format!("key {}: not an AES-256 delivery key", d.key_ref())));
+            }
+        }
+        caller.may_use_key(CODE_KEY)?;
+        caller.may_use_key(SEAL_KEY)?;
+        let cat = self.state.hsm.catalogue();
+        let otp_key = cat.for_new(CODE_KEY, &[KeyClass::Otp])?;
+        let seal = cat.for_new(SEAL_KEY, &[KeyClass::Otp])?;
+        drop(cat);
+        note.keys.push(otp_key.key_ref());
+        note.keys.push(seal.key_ref());
+        let mut id = [0u8; 16];
+        let mut nonce = [0u8; 16];
+        openssl::rand::rand_bytes(&mut id).map_err(|e| Error::Internal(format!("os rng: {e}")))?;
+        openssl::rand::rand_bytes(&mut nonce).map_err(|e| Error::Internal(format!("os rng: {e}")))?;
+        let issued_at = now();
+        let ch = Challenge {
+            id,
+            nonce,
+            otp_key_version: otp_key.meta.version,
+            issued_at,
+            expires_at: issued_at + u64::from(lifetime),
+            digits,
+            boot: self.boot,
+            max_attempts: self.state.config.otp.max_attempts,
+        };
+        let code = self.code_of(&otp_key, &ch, &r.subject, &r.purpose, &tx).await?;
+        let aad = otp::seal_aad(SEAL_KEY, seal.meta.version);
+        let (iv, ct) = self.state.hsm.gcm_encrypt(&seal, aad, ch.encode().to_vec()).await?;
+        let challenge = otp::frame_token(seal.meta.version, &iv, &ct);
+        let (clear, sealed_code, delivery_key) = match delivery {
+            None => (code.to_string(), Vec::new(), None),
+            Some(d) => {
+                note.keys.push(d.key_ref());
+                let (iv, ct) = self.state.hsm.gcm_encrypt(&d, id.to_vec(), code.as_bytes().to_vec()).await?;
+                let mut sealed = iv.to_vec();
+                sealed.extend_from_slice(&ct);
+                (String::new(), sealed, Some(key_ref(&d)))
+            }
+        };
+        // Registered last: a challenge that was never handed out holds no slot.
+        self.store
+            .register(id, ch.expires_at, ch.max_attempts, issued_at)
+            .map_err(|e| Error::ResourceExhausted(e.to_string()))?;
+        Ok(IssueCodeResponse {
+            challenge,
+            challenge_id: id.to_vec(),
+            code: clear,
+            sealed_code,
+            expires_at: ch.expires_at,
+            key: Some(key_ref(&otp_key)),
+            delivery_key,
+        })
+    }
+
+    /// The verdict for one presented code.
+    async fn verify_inner(&self, caller: &Caller, note: &mut Note, r: VerifyCodeRequest) -> Result<VerifyCodeResponse, Error> {
+        caller.may_use_key(CODE_KEY)?;
+        caller.may_use_key(SEAL_KEY)?;
+        otp::validate_subject(&r.subject)?;
+        otp::validate_purpose(&r.purpose)?;
+        let tx = context(r.context)?;
+        let invalid = |left: u32| Ok(VerifyCodeResponse { verdict: CodeVerdict::Invalid as i32, attempts_left: left });
+        let verdict = |v: CodeVerdict| Ok(VerifyCodeResponse { verdict: v as i32, attempts_left: 0 });
+        let Some((seal_version, iv, ct)) = otp::parse_token(&r.challenge) else {
+            return invalid(0);
+        };
+        let seal = match self.state.hsm.catalogue().for_existing(SEAL_KEY, seal_version, &[KeyClass::Otp]) {
+            Ok(k) => k,
+            Err(hsm::Error::KeyNotFound(_) | hsm::Error::KeyUsage { .. }) => return invalid(0),
+            Err(e) => return Err(e.into()),
+        };
+        note.keys.push(seal.key_ref());
+        let plain = match self.state.hsm.gcm_decrypt(&seal, iv, otp::seal_aad(SEAL_KEY, seal_version), ct.to_vec()).await {
+            Ok(p) => p,
+            Err(hsm::Error::VerifyFailed | hsm::Error::InvalidInput(_)) => return invalid(0),
+            Err(e) => return Err(e.into()),
+        };
+        let Some(ch) = Challenge::decode(&plain) else {
+            return invalid(0);
+        };
+        // Issued by another appliance, or before this one restarted: its attempt state
+        // is not here, so it is refused rather than given fresh attempts.
+        if !ct_eq(&ch.boot, &self.boot) {
+            return invalid(0);
+        }
+        let t = now();
+        let attempt = match self.store.admit(&ch.id, t) {
+            Admission::Counted { remaining, .. } => remaining,
+            Admission::AlreadyUsed => return verdict(CodeVerdict::AlreadyUsed),
+            Admission::Locked => return verdict(CodeVerdict::Locked),
+            Admission::Expired => return verdict(CodeVerdict::Expired),
+            Admission::Unknown => return invalid(0),
+        };
+        let otp_key = match self.state.hsm.catalogue().for_existing(CODE_KEY, ch.otp_key_version, &[KeyClass::Otp]) {
+            Ok(k) => k,
+            Err(hsm::Error::KeyNotFound(_) | hsm::Error::KeyUsage { .. }) => return invalid(u32::from(attempt)),
+            Err(e) => return Err(e.into()),
+        };
+        note.keys.push(otp_key.key_ref());
+        let expected = self.code_of(&otp_key, &ch, &r.subject, &r.purpose, &tx).await?;
+        let typed = Zeroizing::new(r.code);
+        if code_shape_ok(&typed, ch.digits) && ct_eq(expected.as_bytes(), typed.as_bytes()) {
+            // Exactly one of two concurrent right answers wins.
+            return if self.store.claim_use(&ch.id) { verdict(CodeVerdict::Valid) } else { verdict(CodeVerdict::AlreadyUsed) };
+        }
+        invalid(u32::from(attempt))
+    }
+
+    fn seed_params(alg: i32, digits: u32, period: u32) -> Result<(OtpHash, u8, u32), Error> {
+        let hash = match OtpHashAlgorithm::try_from(alg) {
+            Ok(OtpHashAlgorithm::Unspecified | OtpHashAlgorithm::Sha1) => OtpHash::Sha1,
+            Ok(OtpHashAlgorithm::Sha256) => OtpHash::Sha256,
+            Ok(OtpHashAlgorithm::Sha512) => OtpHash::Sha512,
+            Err(_) => return Err(Error::invalid("algorithm", format!("unknown algorithm {alg}"))),
+        };
+        let period = match period {
+            0 => 30,
+            p @ 1..=300 => p,
+            _ => return Err(Error::invalid("period", "must be 1-300 seconds (or 0 for 30)")),
+        };
+        Ok((hash, digits_of("digits", digits)?, period))
+    }
+
+    /// Wraps `seed` and binds the blob to `subject`: the encoded blob.
+    pub async fn seal_seed(
+        &self,
+        caller: &Caller,
+        note: &mut Note,
+        subject: &str,
+        seed: Zeroizing<Vec<u8>>,
+        params: (OtpHash, u8, u32),
+    ) -> Result<(Vec<u8>, KeyRef), Error> {
+        let (hash, digits, period) = params;
+        otp::validate_subject(subject)?;
+        caller.may_use_key(SEED_KEK)?;
+        caller.may_use_key(CODE_KEY)?;
+        let seed = otp::pad_seed(&seed, hash)?;
+        let cat = self.state.hsm.catalogue();
+        let kek = cat.for_new(SEED_KEK, &[KeyClass::K0])?;
+        let mac_key = cat.for_new(CODE_KEY, &[KeyClass::Otp])?;
+        drop(cat);
+        note.keys.push(kek.key_ref());
+        note.keys.push(mac_key.key_ref());
+        let kek_ref = key_ref(&kek);
+        let wrapped = self.state.hsm.wrap_seed(Arc::clone(&kek), seed).await?;
+        let mut blob = SeedBlob {
+            kek_version: kek.meta.version,
+            mac_key_version: mac_key.meta.version,
+            hash,
+            digits,
+            period,
+            wrapped,
+            mac: Vec::new(),
+        };
+        blob.mac = self.state.hsm.hmac(&mac_key, blob.mac_input(subject)).await?;
+        Ok((blob.encode(), kek_ref))
+    }
+
+    async fn enroll_inner(&self, caller: &Caller, note: &mut Note, r: EnrollTotpRequest) -> Result<EnrollTotpResponse, Error> {
+        otp::validate_subject(&r.subject)?;
+        let label_ok = |s: &str| !s.is_empty() && s.chars().count() <= 64 && !s.contains(':') && !s.chars().any(char::is_control);
+        if !label_ok(&r.issuer) {
+            return Err(Error::invalid("issuer", "1-64 characters, no ':' or control characters"));
+        }
+        if !label_ok(&r.account_label) {
+            return Err(Error::invalid("account_label", "1-64 characters, no ':' or control characters"));
+        }
+        let (hash, digits, period) = Self::seed_params(r.algorithm, r.digits, r.period)?;
+        let seed = self.state.hsm.random_async(hash.digest_len()).await?;
+        let uri = otp::otpauth_uri(&r.issuer, &r.account_label, &seed, hash, digits, period);
+        let (blob, kek) = self.seal_seed(caller, note, &r.subject, seed, (hash, digits, period)).await?;
+        Ok(EnrollTotpResponse { provisioning_uri: uri.to_string(), seed_blob: blob, kek: Some(kek) })
+    }
+
+    /// The blob of a verification request, its MAC checked against `subject`.
+    async fn open_blob(&self, caller: &Caller, note: &mut Note, blob: &[u8], subject: &str) -> Result<(SeedBlob, Arc<KeyEntry>), Error> {
+        otp::validate_subject(subject)?;
+        caller.may_use_key(SEED_KEK)?;
+        caller.may_use_key(CODE_KEY)?;
+        let refused = || Error::VerificationFailed("seed_blob: not a valid seed blob for this subject".into());
+        let b = SeedBlob::decode(blob).ok_or_else(refused)?;
+        let cat = self.state.hsm.catalogue();
+        let mac_key = cat.for_existing(CODE_KEY, b.mac_key_version, &[KeyClass::Otp]).map_err(|_| refused())?;
+        let kek = cat.for_existing(SEED_KEK, b.kek_version, &[KeyClass::K0]).map_err(|_| refused())?;
+        drop(cat);
+        note.keys.push(kek.key_ref());
+        let mac = self.state.hsm.hmac(&mac_key, b.mac_input(subject)).await?;
+        if !ct_eq(&mac, &b.mac) {
+            return Err(refused());
+        }
+        Ok((b, kek))
+    }
+
+    /// The counters among `candidates` whose code is `code` (at most the first).
+    async fn first_match(&self, b: &SeedBlob, kek: Arc<KeyEntry>, code: &str, candidates: Vec<u64>) -> Result<Option<u64>, Error> {
+        if !code_shape_ok(code, b.digits) || candidates.is_empty() {
+            return Ok(None);
+        }
+        let messages: Vec<[u8; 8]> = candidates.iter().map(|c| otp::counter_bytes(*c)).collect();
+        let macs = self.state.hsm.seed_hmacs(&self.seeds, kek, b.wrapped.clone(), seed_hash(b.hash), messages).await?;
+        let mut found = None;
+        for (c, mac) in candidates.iter().zip(macs.iter()) {
+            let expected = otp::truncate(mac, u32::from(b.digits))?;
+            // Every candidate is compared, so timing does not tell which matched.
+            if ct_eq(expected.as_bytes(), code.as_bytes()) && found.is_none() {
+                found = Some(*c);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn totp_inner(&self, caller: &Caller, note: &mut Note, r: VerifyTotpRequest) -> Result<VerifyTotpResponse, Error> {
+        let window = match r.window {
+            0 => 1,
+            w @ 1..=3 => u64::from(w),
+            _ => return Err(Error::invalid("window", "must be 1-3 steps (or 0 for 1)")),
+        };
+        let (b, kek) = self.open_blob(caller, note, &r.seed_blob, &r.subject).await?;
+        let t = if r.time == 0 { now() } else { r.time };
+        let step = otp::totp_step(t, b.period);
+        // Only steps newer than the last accepted one: no code is accepted twice.
+        let candidates: Vec<u64> =
+            (step.saturating_sub(window)..=step.saturating_add(window)).filter(|s| r.last_step == 0 || *s > r.last_step).collect();
+        let code = Zeroizing::new(r.code);
+        match self.first_match(&b, kek, &code, candidates).await? {
+            Some(s) => Ok(VerifyTotpResponse { valid: true, step: s }),
+            None => Ok(VerifyTotpResponse { valid: false, step: 0 }),
+        }
+    }
+
+    async fn hotp_inner(&self, caller: &Caller, note: &mut Note, r: VerifyHotpRequest) -> Result<VerifyHotpResponse, Error> {
+        let look_ahead = match r.look_ahead {
+            0 => 10,
+            l @ 1..=100 => u64::from(l),
+            _ => return Err(Error::invalid("look_ahead", "must be 1-100 (or 0 for 10)")),
+        };
+        let (b, kek) = self.open_blob(caller, note, &r.seed_blob, &r.subject).await?;
+        let candidates: Vec<u64> = (0..look_ahead).filter_map(|i| r.counter.checked_add(i)).collect();
+        let code = Zeroizing::new(r.code);
+        match self.first_match(&b, kek, &code, candidates).await? {
+            Some(c) => Ok(VerifyHotpResponse { valid: true, next_counter: c.saturating_add(1) }),
+            None => Ok(VerifyHotpResponse { valid: false, next_counter: r.counter }),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl OtpService for OtpSvc {
+    async fn issue_code(&self, req: Request<IssueCodeRequest>) -> Result<Response<IssueCodeResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        let mut note = Note::default();
+        let r = self.state.within_deadline(&caller, self.issue_inner(&caller, &mut note, req.into_inner())).await;
+        self.state.finish(&caller, note, r).await
+    }
+
+    async fn verify_code(&self, req: Request<VerifyCodeRequest>) -> Result<Response<VerifyCodeResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        let mut note = Note::default();
+        let r = self.state.within_deadline(&caller, self.verify_inner(&caller, &mut note, req.into_inner())).await;
+        self.state.finish(&caller, note, r).await
+    }
+
+    async fn enroll_totp(&self, req: Request<EnrollTotpRequest>) -> Result<Response<EnrollTotpResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        let mut note = Note::default();
+        let r = self.state.within_deadline(&caller, self.enroll_inner(&caller, &mut note, req.into_inner())).await;
+        self.state.finish(&caller, note, r).await
+    }
+
+    async fn verify_totp(&self, req: Request<VerifyTotpRequest>) -> Result<Response<VerifyTotpResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        let mut note = Note::default();
+        let r = self.state.within_deadline(&caller, self.totp_inner(&caller, &mut note, req.into_inner())).await;
+        self.state.finish(&caller, note, r).await
+    }
+
+    async fn verify_hotp(&self, req: Request<VerifyHotpRequest>) -> Result<Response<VerifyHotpResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        let mut note = Note::default();
+        let r = self.state.within_deadline(&caller, self.hotp_inner(&caller, &mut note, req.into_inner())).await;
+        self.state.finish(&caller, note, r).await
+    }
+}

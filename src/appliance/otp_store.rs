@@ -1,0 +1,443 @@
+//! Per-appliance attempt and single-use state of issued OTP challenges (DESIGN.md,
+//! "Scale-out"): attempts are counted before the code is compared, a challenge is
+//! used at most once, entries leave only after they expire, and at a ceiling new
+//! challenges are refused rather than old state forgotten. Challenge ids are random
+//! and carry no secret; codes never enter this module.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::fmt;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// The answer to one verification attempt, decided before the code is compared.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// This attempt was counted; compare the code. `attempt` is 1-based, `remaining`
+    /// the attempts left after this one.
+    Counted { attempt: u8, remaining: u8 },
+    /// The challenge was already verified successfully.
+    AlreadyUsed,
+    /// Every allowed attempt was already counted.
+    Locked,
+    /// The challenge expired.
+    Expired,
+    /// Never registered here (another appliance, an earlier boot) or evicted after
+    /// expiry.
+    Unknown,
+}
+
+/// Refusal of a new challenge at the ceiling (every entry still open).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("too many open challenges ({0}); retry later")]
+pub struct Full(pub usize);
+
+/// State of one challenge.
+struct Entry {
+    expires_at: u64,
+    max_attempts: u8,
+    attempts: u8,
+    used: bool,
+}
+
+struct Inner {
+    entries: HashMap<[u8; 16], Entry>,
+    /// One element per entry, earliest expiry on top: eviction pops expired entries in
+    /// O(log n) each, so every call is O(log n) amortised.
+    expiries: BinaryHeap<Reverse<(u64, [u8; 16])>>,
+}
+
+impl Inner {
+    /// Removes every entry expired at `now` (`now > expires_at`).
+    fn evict_expired(&mut self, now: u64) {
+        while let Some(&Reverse((expires_at, id))) = self.expiries.peek() {
+            if now <= expires_at {
+                break;
+            }
+            self.expiries.pop();
+            self.entries.remove(&id);
+        }
+    }
+}
+
+/// Per-appliance state of issued challenges: attempts counted BEFORE the comparison,
+/// single use, expiry-based eviction, a ceiling beyond which new challenges are
+/// refused rather than old state forgotten. Every call takes one short lock, so
+/// concurrent attempts on one challenge are counted exactly.
+pub struct AttemptStore {
+    ceiling: usize,
+    inner: Mutex<Inner>,
+}
+
+impl AttemptStore {
+    /// An empty store holding at most `ceiling` challenges (0 refuses every one).
+    pub fn new(ceiling: usize) -> AttemptStore {
+        AttemptStore {
+            ceiling,
+            inner: Mutex::new(Inner {
+                entries: HashMap::new(),
+                expiries: BinaryHeap::new(),
+            }),
+        }
+    }
+
+    /// The lock. No critical section here can panic part-way through an update (each
+    /// changes one entry with plain stores, or inserts/removes an entry and its heap
+    /// element together), so a poisoned lock still guards consistent state and is
+    /// taken over rather than turning every later call into a failure.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a new challenge; when at the ceiling first evicts entries expired at
+    /// `now` (unix s), then refuses with [`Full`]. Registering an id that is already
+    /// present changes nothing (its attempts are never reset).
+    pub fn register(&self, id: [u8; 16], expires_at: u64, max_attempts: u8, now: u64) -> Result<(), Full> {
+        let mut g = self.lock();
+        if g.entries.contains_key(&id) {
+            return Ok(());
+        }
+        if g.entries.len() >= self.ceiling {
+            g.evict_expired(now);
+            if g.entries.len() >= self.ceiling {
+                return Err(Full(self.ceiling));
+            }
+        }
+        g.entries.insert(
+            id,
+            Entry {
+                expires_at,
+                max_attempts,
+                attempts: 0,
+                used: false,
+            },
+        );
+        g.expiries.push(Reverse((expires_at, id)));
+        Ok(())
+    }
+
+    /// Counts one attempt atomically: `Expired` if `now > expires_at`; `AlreadyUsed`
+    /// once marked used; `Locked` when `max_attempts` attempts were already counted;
+    /// `Unknown` for an id never registered (or evicted after expiry); otherwise
+    /// `Counted`, and only then may the caller compare the code.
+    pub fn admit(&self, id: &[u8; 16], now: u64) -> Admission {
+        let mut g = self.lock();
+        let Some(e) = g.entries.get_mut(id) else {
+            return Admission::Unknown;
+        };
+        if now > e.expires_at {
+            Admission::Expired
+        } else if e.used {
+            Admission::AlreadyUsed
+        } else if e.attempts >= e.max_attempts {
+            Admission::Locked
+        } else {
+            e.attempts += 1;
+            Admission::Counted {
+                attempt: e.attempts,
+                remaining: e.max_attempts - e.attempts,
+            }
+        }
+    }
+
+    /// Marks the challenge used (after a successful comparison); it stays remembered
+    /// as used until it expires. An unknown id is ignored.
+    pub fn mark_used(&self, id: &[u8; 16]) {
+        if let Some(e) = self.lock().entries.get_mut(id) {
+            e.used = true;
+        }
+    }
+
+    /// Marks the challenge used and says whether this call did so: `true` for exactly
+    /// one caller, `false` if it was already used or is unknown. Two requests carrying
+    /// the right code may both be admitted and both compare equal; only the one that
+    /// gets `true` here may answer "valid" (the other answers "already used").
+    pub fn claim_use(&self, id: &[u8; 16]) -> bool {
+        match self.lock().entries.get_mut(id) {
+            Some(e) if !e.used => {
+                e.used = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Challenges currently held (open, used, locked or expired but not yet evicted).
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// Whether no challenge is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The most challenges held at once.
+    pub fn ceiling(&self) -> usize {
+        self.ceiling
+    }
+}
+
+/// Sizes only; no challenge ids.
+impl fmt::Debug for AttemptStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AttemptStore")
+            .field("ceiling", &self.ceiling)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn id(n: u32) -> [u8; 16] {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&n.to_be_bytes());
+        id
+    }
+
+    const NOW: u64 = 1_700_000_000;
+
+    #[test]
+    fn counts_attempts_then_locks() {
+        let s = AttemptStore::new(10);
+        s.register(id(1), NOW + 300, 3, NOW).unwrap();
+        assert_eq!(
+            s.admit(&id(1), NOW),
+            Admission::Counted {
+                attempt: 1,
+                remaining: 2
+            }
+        );
+        assert_eq!(
+            s.admit(&id(1), NOW + 1),
+            Admission::Counted {
+                attempt: 2,
+                remaining: 1
+            }
+        );
+        assert_eq!(
+            s.admit(&id(1), NOW + 2),
+            Admission::Counted {
+                attempt: 3,
+                remaining: 0
+            }
+        );
+        assert_eq!(s.admit(&id(1), NOW + 3), Admission::Locked);
+        assert_eq!(s.admit(&id(1), NOW + 4), Admission::Locked);
+        // Re-registering never resets the count.
+        s.register(id(1), NOW + 600, 10, NOW + 5).unwrap();
+        assert_eq!(s.admit(&id(1), NOW + 5), Admission::Locked);
+        assert_eq!(s.len(), 1);
+        // Locked is still reported as expired once the challenge expires.
+        assert_eq!(s.admit(&id(1), NOW + 301), Admission::Expired);
+    }
+
+    #[test]
+    fn zero_attempts_is_locked() {
+        let s = AttemptStore::new(10);
+        s.register(id(1), NOW + 300, 0, NOW).unwrap();
+        assert_eq!(s.admit(&id(1), NOW), Admission::Locked);
+    }
+
+    #[test]
+    fn single_use() {
+        let s = AttemptStore::new(10);
+        s.register(id(1), NOW + 300, 5, NOW).unwrap();
+        assert_eq!(
+            s.admit(&id(1), NOW),
+            Admission::Counted {
+                attempt: 1,
+                remaining: 4
+            }
+        );
+        s.mark_used(&id(1));
+        assert_eq!(s.admit(&id(1), NOW + 1), Admission::AlreadyUsed);
+        assert_eq!(s.admit(&id(1), NOW + 2), Admission::AlreadyUsed);
+        s.register(id(1), NOW + 300, 5, NOW + 3).unwrap();
+        assert_eq!(s.admit(&id(1), NOW + 3), Admission::AlreadyUsed);
+        // Marking an unknown id does nothing.
+        s.mark_used(&id(2));
+        assert_eq!(s.admit(&id(2), NOW), Admission::Unknown);
+    }
+
+    #[test]
+    fn expiry() {
+        let s = AttemptStore::new(10);
+        s.register(id(1), NOW + 300, 5, NOW).unwrap();
+        // The expiry instant itself is still valid.
+        assert_eq!(
+            s.admit(&id(1), NOW + 300),
+            Admission::Counted {
+                attempt: 1,
+                remaining: 4
+            }
+        );
+        assert_eq!(s.admit(&id(1), NOW + 301), Admission::Expired);
+        s.mark_used(&id(1));
+        assert_eq!(s.admit(&id(1), NOW + 301), Admission::Expired);
+        assert_eq!(s.admit(&id(9), NOW), Admission::Unknown);
+    }
+
+    #[test]
+    fn ceiling_without_expired_entries_refuses_and_keeps_state() {
+        let s = AttemptStore::new(3);
+        for n in 0..3 {
+            s.register(id(n), NOW + 300, 2, NOW).unwrap();
+        }
+        assert_eq!(
+            s.admit(&id(0), NOW),
+            Admission::Counted {
+                attempt: 1,
+                remaining: 1
+            }
+        );
+        assert_eq!(s.register(id(3), NOW + 300, 2, NOW + 10), Err(Full(3)));
+        assert_eq!(Full(3).to_string(), "too many open challenges (3); retry later");
+        assert_eq!(s.len(), 3);
+        // Old state is kept: the count of id 0 continues; id 3 was never registered.
+        assert_eq!(
+            s.admit(&id(0), NOW + 10),
+            Admission::Counted {
+                attempt: 2,
+                remaining: 0
+            }
+        );
+        assert_eq!(s.admit(&id(3), NOW + 10), Admission::Unknown);
+        // At the expiry instant nothing is expired yet.
+        assert_eq!(s.register(id(3), NOW + 600, 2, NOW + 300), Err(Full(3)));
+        // Re-registering a present id at the ceiling is not a refusal.
+        assert_eq!(s.register(id(1), NOW + 300, 2, NOW + 10), Ok(()));
+    }
+
+    #[test]
+    fn ceiling_with_expired_entries_evicts_only_those() {
+        let s = AttemptStore::new(3);
+        s.register(id(0), NOW + 100, 2, NOW).unwrap();
+        s.register(id(1), NOW + 300, 2, NOW).unwrap();
+        s.register(id(2), NOW + 50, 2, NOW).unwrap();
+        s.mark_used(&id(1));
+        // Below the ceiling nothing is evicted: expired entries answer Expired.
+        assert_eq!(s.admit(&id(2), NOW + 60), Admission::Expired);
+        // At the ceiling at NOW + 101, ids 0 and 2 are expired and evicted; id 1 stays.
+        s.register(id(3), NOW + 400, 2, NOW + 101).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.admit(&id(0), NOW + 101), Admission::Unknown);
+        assert_eq!(s.admit(&id(2), NOW + 101), Admission::Unknown);
+        assert_eq!(s.admit(&id(1), NOW + 101), Admission::AlreadyUsed);
+        assert_eq!(
+            s.admit(&id(3), NOW + 101),
+            Admission::Counted {
+                attempt: 1,
+                remaining: 1
+            }
+        );
+        s.register(id(4), NOW + 400, 2, NOW + 101).unwrap();
+        assert_eq!(s.register(id(5), NOW + 400, 2, NOW + 101), Err(Full(3)));
+        assert!(!s.is_empty());
+    }
+
+    #[test]
+    fn zero_ceiling_refuses_everything() {
+        let s = AttemptStore::new(0);
+        assert_eq!(s.register(id(0), NOW + 1, 1, NOW), Err(Full(0)));
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn many_entries_evict_in_expiry_order() {
+        let s = AttemptStore::new(1000);
+        // Registered out of expiry order.
+        for n in 0..1000u32 {
+            s.register(id(n), NOW + u64::from((n * 7919) % 1000), 1, NOW).unwrap();
+        }
+        // At NOW + 500, expiries NOW..=NOW+499 are gone (500 of them).
+        s.register(id(5000), NOW + 2000, 1, NOW + 500).unwrap();
+        assert_eq!(s.len(), 501);
+        for n in 0..1000u32 {
+            let exp = u64::from((n * 7919) % 1000);
+            let want = if exp < 500 {
+                Admission::Unknown
+            } else {
+                Admission::Counted {
+                    attempt: 1,
+                    remaining: 0,
+                }
+            };
+            assert_eq!(s.admit(&id(n), NOW + 500), want, "id {n}");
+        }
+    }
+
+    #[test]
+    fn concurrent_admits_count_exactly() {
+        for max in [1u8, 3, 5, 10] {
+            let s = Arc::new(AttemptStore::new(16));
+            s.register(id(7), NOW + 300, max, NOW).unwrap();
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let s = Arc::clone(&s);
+                    std::thread::spawn(move || (0..50).map(|_| s.admit(&id(7), NOW)).collect::<Vec<_>>())
+                })
+                .collect();
+            let mut counted = Vec::new();
+            let mut locked = 0;
+            for h in handles {
+                for a in h.join().unwrap() {
+                    match a {
+                        Admission::Counted { attempt, remaining } => {
+                            assert_eq!(attempt + remaining, max);
+                            counted.push(attempt);
+                        }
+                        Admission::Locked => locked += 1,
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            }
+            counted.sort_unstable();
+            assert_eq!(counted, (1..=max).collect::<Vec<_>>());
+            assert_eq!(locked, 8 * 50 - usize::from(max));
+        }
+    }
+
+    #[test]
+    fn claim_use_succeeds_once() {
+        let s = AttemptStore::new(4);
+        s.register(id(1), NOW + 300, 5, NOW).unwrap();
+        assert!(s.claim_use(&id(1)));
+        assert!(!s.claim_use(&id(1)));
+        assert_eq!(s.admit(&id(1), NOW), Admission::AlreadyUsed);
+        assert!(!s.claim_use(&id(2)));
+        s.register(id(3), NOW + 300, 5, NOW).unwrap();
+        s.mark_used(&id(3));
+        assert!(!s.claim_use(&id(3)));
+    }
+
+    #[test]
+    fn concurrent_correct_codes_succeed_once() {
+        let s = Arc::new(AttemptStore::new(16));
+        s.register(id(7), NOW + 300, 10, NOW).unwrap();
+        let barrier = Arc::new(std::sync::Barrier::new(8));
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let (s, barrier) = (Arc::clone(&s), Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    // Every thread "compares equal" after admission.
+                    matches!(s.admit(&id(7), NOW), Admission::Counted { .. }) && s.claim_use(&id(7))
+                })
+            })
+            .collect();
+        let wins = handles.into_iter().map(|h| h.join().unwrap()).filter(|&w| w).count();
+        assert_eq!(wins, 1);
+    }
+
+    #[test]
+    fn debug_shows_sizes_only() {
+        let s = AttemptStore::new(4);
+        s.register([0xAB; 16], NOW + 1, 1, NOW).unwrap();
+        let d = format!("{s:?}");
+        assert_eq!(d, "AttemptStore { ceiling: 4, len: 1 }");
+    }
+}

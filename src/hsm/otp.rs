@@ -1,0 +1,146 @@
+//! TOTP/HOTP seeds in the token: a new seed is wrapped under the OTP KEK (AES key
+//! wrap with padding) and leaves only as that blob; verification unwraps the blob
+//! into a sensitive, unextractable session object (kept in a bounded cache owned by
+//! the anchor session) and computes the HMACs of the candidate counters in the
+//! token. Truncation to decimal digits is the caller's.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use zeroize::Zeroizing;
+
+use super::keys::{destroy_if_present, Catalogue, KeyEntry};
+use super::token::Hsm;
+use super::{ck, ck_verify, Result};
+
+/// HMAC hash of a seed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeedHash {
+    Sha1,
+    Sha256,
+    Sha512,
+}
+
+impl SeedHash {
+    fn mechanism(self) -> Mechanism<'static> {
+        match self {
+            SeedHash::Sha1 => Mechanism::Sha1Hmac,
+            SeedHash::Sha256 => Mechanism::Sha256Hmac,
+            SeedHash::Sha512 => Mechanism::Sha512Hmac,
+        }
+    }
+}
+
+/// Unwrapped seed objects by blob, bounded; the least recently used goes first.
+pub struct SeedCache {
+    inner: Mutex<SeedCacheInner>,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct SeedCacheInner {
+    generation: u64,
+    tick: u64,
+    seeds: HashMap<[u8; 32], (ObjectHandle, u64)>,
+}
+
+impl SeedCache {
+    pub fn new(capacity: usize) -> SeedCache {
+        SeedCache { inner: Mutex::new(SeedCacheInner::default()), capacity: capacity.max(1) }
+    }
+}
+
+fn seed_template(sign: bool, extractable: bool) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(extractable),
+        Attribute::Sign(sign),
+        Attribute::Verify(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ]
+}
+
+impl Hsm {
+    /// Wraps a clear seed (zeroizing memory) under `kek` with AES key wrap with padding.
+    pub async fn wrap_seed(&self, kek: Arc<KeyEntry>, seed: Zeroizing<Vec<u8>>) -> Result<Vec<u8>> {
+        self.call_anchor(move |s, cat| {
+            let k = cat.handles_of(&kek)?;
+            let mut t = seed_template(false, true);
+            t.push(Attribute::Value(seed.to_vec()));
+            let h = s.create_object(&t).map_err(ck("create_object"));
+            if let Some(Attribute::Value(mut v)) = t.pop() {
+                zeroize::Zeroize::zeroize(&mut v);
+            }
+            let h = h?;
+            let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, k.handle, h).map_err(ck("wrap seed"));
+            destroy_if_present(s, h)?;
+            wrapped
+        })
+        .await
+    }
+
+    /// HMACs of `messages` under the seed in `wrapped` (unwrapped under `kek` in the
+    /// token, or taken from the cache). Callers check the blob's MAC first, so only
+    /// authentic blobs reach the unwrap.
+    pub async fn seed_hmacs(
+        &self,
+        cache: &Arc<SeedCache>,
+        kek: Arc<KeyEntry>,
+        wrapped: Vec<u8>,
+        hash: SeedHash,
+        messages: Vec<[u8; 8]>,
+    ) -> Result<Vec<Zeroizing<Vec<u8>>>> {
+        let cache = Arc::clone(cache);
+        self.call_anchor(move |s, cat| {
+            let h = cached_seed(s, cat, &cache, &kek, &wrapped)?;
+            let mech = hash.mechanism();
+            messages
+                .iter()
+                .map(|m| s.sign(&mech, h, m).map(Zeroizing::new).map_err(ck("seed hmac")))
+                .collect()
+        })
+        .await
+    }
+}
+
+/// The seed object of `wrapped`: from the cache, or unwrapped now (anchor session).
+fn cached_seed(s: &Session, cat: &Catalogue, cache: &SeedCache, kek: &KeyEntry, wrapped: &[u8]) -> Result<ObjectHandle> {
+    let mut c = cache.inner.lock().unwrap_or_else(|p| p.into_inner());
+    if c.generation != cat.generation() {
+        c.seeds.clear();
+        c.generation = cat.generation();
+    }
+    c.tick += 1;
+    let tick = c.tick;
+    let mut id_input = kek.meta.label().into_bytes();
+    id_input.extend_from_slice(wrapped);
+    let id = openssl::sha::sha256(&id_input);
+    if let Some((h, used)) = c.seeds.get_mut(&id) {
+        *used = tick;
+        return Ok(*h);
+    }
+    if c.seeds.len() >= cache.capacity {
+        if let Some(oldest) = c.seeds.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k) {
+            if let Some((h, _)) = c.seeds.remove(&oldest) {
+                destroy_if_present(s, h)?;
+            }
+        }
+    }
+    let k = cat.handles_of(kek)?;
+    let h = s
+        .unwrap_key(&Mechanism::AesKeyWrapPad, k.handle, wrapped, &seed_template(true, false))
+        .map_err(ck_verify("unwrap seed"))?;
+    c.seeds.insert(id, (h, tick));
+    Ok(h)
+}
