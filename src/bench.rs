@@ -1,5 +1,6 @@
 //! `keyward bench`: a load generator that drives the appliance over mTLS gRPC (Ping,
-//! DataService Encrypt/Decrypt, PinService translation and verification, MacService)
+//! DataService Encrypt/Decrypt, PinService translation and verification, MacService,
+//! OtpService)
 //! or, for the ceiling, the same AES-GCM operations in-process straight on the token;
 //! prints throughput and latency percentiles.
 //!
@@ -70,6 +71,9 @@ Examples:
   # PIN and MAC services (need --spawn: the bench keys its simulated DUKPT terminals
   # with a transport key it imports through the ceremony):
   keyward bench --spawn --op ping,translate-zone,translate-dukpt,verify-pin,mac --concurrency 64
+
+  # Dynamic codes (otp-verify issues its challenges first, unmeasured):
+  keyward bench --spawn --op ping,otp-issue,otp-verify,totp-verify --concurrency 64
 
   # Straight on the token (SOFTHSM2_CONF as for `keyward serve`):
   keyward bench --raw --config state/appliance.toml --op encrypt,decrypt
@@ -830,12 +834,14 @@ fn otp_context() -> TransactionContext {
     TransactionContext { amount_minor: 10_000, currency: "CNY".into(), payee_id: "merchant-42".into(), reference: "T-bench".into() }
 }
 
-fn otp_issue_request() -> IssueCodeRequest {
+/// `lifetime`: otp-issue's challenges are never verified and live 1 s, so the
+/// appliance's store can evict them; otp-verify's must outlive the run.
+fn otp_issue_request(lifetime: u32) -> IssueCodeRequest {
     IssueCodeRequest {
         subject: BENCH_SUBJECT.into(),
         purpose: "payment".into(),
         context: Some(otp_context()),
-        lifetime_seconds: 600,
+        lifetime_seconds: lifetime,
         digits: 6,
         sealed_for: String::new(),
     }
@@ -859,7 +865,7 @@ fn totp_now(seed: &[u8], unix: u64) -> Result<Zeroizing<String>, String> {
 
 /// Challenges issued per worker before otp-verify is measured (the appliance keeps
 /// at most `otp.max_open_challenges`, 100,000 in the example config).
-const OTP_ISSUED_TOTAL: usize = 90_000;
+const OTP_ISSUED_TOTAL: usize = 80_000;
 
 /// What the PIN operations need from a spawned appliance's state.
 struct PinSetup {
@@ -1055,7 +1061,7 @@ async fn run_network(
                 }
             }
             Op::OtpIssue => {
-                let req = otp_issue_request();
+                let req = otp_issue_request(1);
                 drive(plan, op, |w| Target::OtpIssue { client: OtpServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
                     .await?
             }
@@ -1068,7 +1074,7 @@ async fn run_network(
                     tasks.push(tokio::spawn(async move {
                         let mut issued = Vec::with_capacity(per_worker);
                         for _ in 0..per_worker {
-                            let r = c.issue_code(otp_issue_request()).await.map_err(status_text)?.into_inner();
+                            let r = c.issue_code(otp_issue_request(600)).await.map_err(status_text)?.into_inner();
                             issued.push((r.challenge, r.code));
                         }
                         Ok::<_, String>(issued)

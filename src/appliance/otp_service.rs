@@ -79,6 +79,34 @@ fn seed_hash(h: OtpHash) -> SeedHash {
     }
 }
 
+/// Wraps a seed under the active `otp.kek` and binds the blob to `subject` with the
+/// active `otp` key: (encoded blob, KEK used, keys used). What EnrollTotp does with a
+/// new seed, and how existing seeds (such as published test vectors) are imported.
+pub async fn seed_blob(
+    hsm: &hsm::Hsm,
+    subject: &str,
+    seed: Zeroizing<Vec<u8>>,
+    params: (OtpHash, u8, u32),
+) -> Result<(Vec<u8>, KeyRef, Vec<String>), Error> {
+    let (hash, digits, period) = params;
+    otp::validate_subject(subject)?;
+    if !(6..=8).contains(&digits) || !(1..=300).contains(&period) {
+        return Err(Error::invalid("seed", "digits must be 6-8 and the period 1-300 seconds"));
+    }
+    let seed = otp::pad_seed(&seed, hash)?;
+    let cat = hsm.catalogue();
+    let kek = cat.for_new(SEED_KEK, &[KeyClass::K0])?;
+    let mac_key = cat.for_new(CODE_KEY, &[KeyClass::Otp])?;
+    drop(cat);
+    let keys = vec![kek.key_ref(), mac_key.key_ref()];
+    let kek_ref = key_ref(&kek);
+    let wrapped = hsm.wrap_seed(Arc::clone(&kek), seed).await?;
+    let mut blob =
+        SeedBlob { kek_version: kek.meta.version, mac_key_version: mac_key.meta.version, hash, digits, period, wrapped, mac: Vec::new() };
+    blob.mac = hsm.hmac(&mac_key, blob.mac_input(subject)).await?;
+    Ok((blob.encode(), kek_ref, keys))
+}
+
 pub struct OtpSvc {
     pub state: Arc<AppState>,
     store: AttemptStore,
@@ -255,7 +283,7 @@ impl OtpSvc {
     }
 
     /// Wraps `seed` and binds the blob to `subject`: the encoded blob.
-    pub async fn seal_seed(
+    async fn seal_seed(
         &self,
         caller: &Caller,
         note: &mut Note,
@@ -263,30 +291,11 @@ impl OtpSvc {
         seed: Zeroizing<Vec<u8>>,
         params: (OtpHash, u8, u32),
     ) -> Result<(Vec<u8>, KeyRef), Error> {
-        let (hash, digits, period) = params;
-        otp::validate_subject(subject)?;
         caller.may_use_key(SEED_KEK)?;
         caller.may_use_key(CODE_KEY)?;
-        let seed = otp::pad_seed(&seed, hash)?;
-        let cat = self.state.hsm.catalogue();
-        let kek = cat.for_new(SEED_KEK, &[KeyClass::K0])?;
-        let mac_key = cat.for_new(CODE_KEY, &[KeyClass::Otp])?;
-        drop(cat);
-        note.keys.push(kek.key_ref());
-        note.keys.push(mac_key.key_ref());
-        let kek_ref = key_ref(&kek);
-        let wrapped = self.state.hsm.wrap_seed(Arc::clone(&kek), seed).await?;
-        let mut blob = SeedBlob {
-            kek_version: kek.meta.version,
-            mac_key_version: mac_key.meta.version,
-            hash,
-            digits,
-            period,
-            wrapped,
-            mac: Vec::new(),
-        };
-        blob.mac = self.state.hsm.hmac(&mac_key, blob.mac_input(subject)).await?;
-        Ok((blob.encode(), kek_ref))
+        let (blob, kek, keys) = seed_blob(&self.state.hsm, subject, seed, params).await?;
+        note.keys.extend(keys);
+        Ok((blob, kek))
     }
 
     async fn enroll_inner(&self, caller: &Caller, note: &mut Note, r: EnrollTotpRequest) -> Result<EnrollTotpResponse, Error> {

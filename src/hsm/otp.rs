@@ -40,11 +40,23 @@ pub struct SeedCache {
     capacity: usize,
 }
 
+/// A cached seed object; a clone is held by every job using it, so an evicted
+/// object is destroyed only once no job uses it any more.
+#[derive(Clone)]
+struct SeedObject {
+    handle: ObjectHandle,
+    users: Arc<()>,
+    /// Attachment generation the handle belongs to.
+    generation: u64,
+}
+
 #[derive(Default)]
 struct SeedCacheInner {
     generation: u64,
     tick: u64,
-    seeds: HashMap<[u8; 32], (ObjectHandle, u64)>,
+    seeds: HashMap<[u8; 32], (SeedObject, u64)>,
+    /// Evicted objects waiting for their last user.
+    evicted: Vec<SeedObject>,
 }
 
 impl SeedCache {
@@ -101,46 +113,99 @@ impl Hsm {
         hash: SeedHash,
         messages: Vec<[u8; 8]>,
     ) -> Result<Vec<Zeroizing<Vec<u8>>>> {
+        let id = seed_id(&kek, &wrapped);
+        let sign = move |s: &Session, h: ObjectHandle| -> Result<Vec<Zeroizing<Vec<u8>>>> {
+            let mech = hash.mechanism();
+            messages.iter().map(|m| s.sign(&mech, h, m).map(Zeroizing::new).map_err(ck("seed hmac"))).collect()
+        };
+        // Hot path: a cached seed, used on any pooled session (session objects are
+        // visible to every session of the application).
+        if let Some(obj) = cache.hit(&id, self.catalogue().generation()) {
+            return self
+                .call(move |s, cat| {
+                    // The token was re-attached since the lookup: the handle is gone.
+                    if cat.generation() != obj.generation {
+                        return Err(super::Error::Unavailable("token attachment changed; retry".into()));
+                    }
+                    sign(s, obj.handle)
+                })
+                .await;
+        }
         let cache = Arc::clone(cache);
         self.call_anchor(move |s, cat| {
-            let h = cached_seed(s, cat, &cache, &kek, &wrapped)?;
-            let mech = hash.mechanism();
-            messages
-                .iter()
-                .map(|m| s.sign(&mech, h, m).map(Zeroizing::new).map_err(ck("seed hmac")))
-                .collect()
+            let obj = cached_seed(s, cat, &cache, &kek, &wrapped, &id)?;
+            sign(s, obj.handle)
         })
         .await
     }
 }
 
-/// The seed object of `wrapped`: from the cache, or unwrapped now (anchor session).
-fn cached_seed(s: &Session, cat: &Catalogue, cache: &SeedCache, kek: &KeyEntry, wrapped: &[u8]) -> Result<ObjectHandle> {
+fn seed_id(kek: &KeyEntry, wrapped: &[u8]) -> [u8; 32] {
+    let mut id_input = kek.meta.label().into_bytes();
+    id_input.extend_from_slice(wrapped);
+    openssl::sha::sha256(&id_input)
+}
+
+impl SeedCache {
+    /// A cached seed of the current attachment, marked in use by the returned clone.
+    fn hit(&self, id: &[u8; 32], generation: u64) -> Option<SeedObject> {
+        let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if c.generation != generation {
+            return None;
+        }
+        c.tick += 1;
+        let tick = c.tick;
+        c.seeds.get_mut(id).map(|(obj, used)| {
+            *used = tick;
+            obj.clone()
+        })
+    }
+}
+
+/// The seed object of `wrapped`: from the cache, or unwrapped now (anchor session,
+/// object creation serialised). Evicted objects are destroyed once unused.
+fn cached_seed(
+    s: &Session,
+    cat: &Catalogue,
+    cache: &SeedCache,
+    kek: &KeyEntry,
+    wrapped: &[u8],
+    id: &[u8; 32],
+) -> Result<SeedObject> {
     let mut c = cache.inner.lock().unwrap_or_else(|p| p.into_inner());
     if c.generation != cat.generation() {
+        // A new attachment: the old objects went with the old anchor session.
         c.seeds.clear();
+        c.evicted.clear();
         c.generation = cat.generation();
     }
     c.tick += 1;
     let tick = c.tick;
-    let mut id_input = kek.meta.label().into_bytes();
-    id_input.extend_from_slice(wrapped);
-    let id = openssl::sha::sha256(&id_input);
-    if let Some((h, used)) = c.seeds.get_mut(&id) {
+    let mut still_used = Vec::new();
+    for obj in std::mem::take(&mut c.evicted) {
+        if Arc::strong_count(&obj.users) == 1 {
+            destroy_if_present(s, obj.handle)?;
+        } else {
+            still_used.push(obj);
+        }
+    }
+    c.evicted = still_used;
+    if let Some((obj, used)) = c.seeds.get_mut(id) {
         *used = tick;
-        return Ok(*h);
+        return Ok(obj.clone());
     }
     if c.seeds.len() >= cache.capacity {
         if let Some(oldest) = c.seeds.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k) {
-            if let Some((h, _)) = c.seeds.remove(&oldest) {
-                destroy_if_present(s, h)?;
+            if let Some((obj, _)) = c.seeds.remove(&oldest) {
+                c.evicted.push(obj);
             }
         }
     }
     let k = cat.handles_of(kek)?;
-    let h = s
+    let handle = s
         .unwrap_key(&Mechanism::AesKeyWrapPad, k.handle, wrapped, &seed_template(true, false))
         .map_err(ck_verify("unwrap seed"))?;
-    c.seeds.insert(id, (h, tick));
-    Ok(h)
+    let obj = SeedObject { handle, users: Arc::new(()), generation: cat.generation() };
+    c.seeds.insert(*id, (obj.clone(), tick));
+    Ok(obj)
 }
