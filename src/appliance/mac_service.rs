@@ -142,6 +142,9 @@ impl MacService for MacSvc {
         let caller = Caller::of(&req)?;
         let mut note = Note::default();
         let r = self.state.within_deadline(&caller, self.verify_inner(&caller, &mut note, req.into_inner())).await;
+        if let Ok(v) = &r {
+            note.detail = Some(format!("valid={}", v.valid));
+        }
         self.state.finish(&caller, note, r).await
     }
 }

@@ -78,6 +78,9 @@ pub struct Note {
     pub keys: Vec<String>,
     /// HMAC'd subject identifiers.
     pub subjects: Vec<String>,
+    /// The answer of a verification call ("verdict=LOCKED", "matched=false"), so the
+    /// trail shows guessing and lock-outs; never a value from the request.
+    pub detail: Option<String>,
 }
 
 impl AppState {
@@ -107,7 +110,8 @@ impl AppState {
             Code::PermissionDenied | Code::Unauthenticated => "denied",
             _ => "error",
         };
-        let ev = AuditEvent::rpc(
+        let detail = note.detail;
+        let mut ev = AuditEvent::rpc(
             &caller.identity,
             &caller.role.name,
             &caller.rpc,
@@ -118,6 +122,9 @@ impl AppState {
             &caller.request_id,
             note.subjects,
         );
+        if let (Some(d), Ok(_)) = (detail, &result) {
+            ev = ev.with_detail(d);
+        }
         caller.audited.store(true, Ordering::Release);
         if let Err(e) = self.audit.record(ev).await {
             tracing::error!(error = %e, rpc = %caller.rpc, "audit write failed: refusing the call");

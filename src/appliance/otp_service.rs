@@ -245,6 +245,11 @@ impl OtpSvc {
             return invalid(0);
         }
         let t = now();
+        // The expiry is inside the authenticated challenge: EXPIRED even once the store
+        // has let the entry go.
+        if t > ch.expires_at {
+            return verdict(CodeVerdict::Expired);
+        }
         let attempt = match self.store.admit(&ch.id, t) {
             Admission::Counted { remaining, .. } => remaining,
             Admission::AlreadyUsed => return verdict(CodeVerdict::AlreadyUsed),
@@ -377,10 +382,11 @@ impl OtpSvc {
             _ => return Err(Error::invalid("look_ahead", "must be 1-100 (or 0 for 10)")),
         };
         let (b, kek) = self.open_blob(caller, note, &r.seed_blob, &r.subject).await?;
-        let candidates: Vec<u64> = (0..look_ahead).filter_map(|i| r.counter.checked_add(i)).collect();
+        // The last counter is never a candidate: nothing could come after it.
+        let candidates: Vec<u64> = (0..look_ahead).filter_map(|i| r.counter.checked_add(i)).filter(|c| *c < u64::MAX).collect();
         let code = Zeroizing::new(r.code);
         match self.first_match(&b, kek, &code, candidates).await? {
-            Some(c) => Ok(VerifyHotpResponse { valid: true, next_counter: c.saturating_add(1) }),
+            Some(c) => Ok(VerifyHotpResponse { valid: true, next_counter: c + 1 }),
             None => Ok(VerifyHotpResponse { valid: false, next_counter: r.counter }),
         }
     }
@@ -399,6 +405,10 @@ impl OtpService for OtpSvc {
         let caller = Caller::of(&req)?;
         let mut note = Note::default();
         let r = self.state.within_deadline(&caller, self.verify_inner(&caller, &mut note, req.into_inner())).await;
+        if let Ok(v) = &r {
+            let name = CodeVerdict::try_from(v.verdict).map(|c| c.as_str_name()).unwrap_or("?");
+            note.detail = Some(format!("verdict={} attempts_left={}", name.trim_start_matches("CODE_VERDICT_"), v.attempts_left));
+        }
         self.state.finish(&caller, note, r).await
     }
 
@@ -413,6 +423,9 @@ impl OtpService for OtpSvc {
         let caller = Caller::of(&req)?;
         let mut note = Note::default();
         let r = self.state.within_deadline(&caller, self.totp_inner(&caller, &mut note, req.into_inner())).await;
+        if let Ok(v) = &r {
+            note.detail = Some(format!("valid={}", v.valid));
+        }
         self.state.finish(&caller, note, r).await
     }
 
@@ -420,6 +433,9 @@ impl OtpService for OtpSvc {
         let caller = Caller::of(&req)?;
         let mut note = Note::default();
         let r = self.state.within_deadline(&caller, self.hotp_inner(&caller, &mut note, req.into_inner())).await;
+        if let Ok(v) = &r {
+            note.detail = Some(format!("valid={}", v.valid));
+        }
         self.state.finish(&caller, note, r).await
     }
 }

@@ -460,6 +460,9 @@ impl PinService for PinSvc {
         let caller = Caller::of(&req)?;
         let mut note = Note::default();
         let r = self.state.within_deadline(&caller, self.verify_inner(&caller, &mut note, req.into_inner())).await;
+        if let Ok(v) = &r {
+            note.detail = Some(format!("matched={}", v.matched));
+        }
         self.state.finish(&caller, note, r).await
     }
 
@@ -467,6 +470,9 @@ impl PinService for PinSvc {
         let caller = Caller::of(&req)?;
         let mut note = Note::default();
         let r = self.state.within_deadline(&caller, self.change_inner(&caller, &mut note, req.into_inner())).await;
+        if let Ok(v) = &r {
+            note.detail = Some(format!("matched={}", v.matched));
+        }
         self.state.finish(&caller, note, r).await
     }
 
