@@ -108,7 +108,8 @@ pub enum Op {
     Mac,
     /// OtpService.IssueCode, a payment code bound to a transaction, in clear.
     OtpIssue,
-    /// OtpService.VerifyCode of codes issued beforehand (not timed), each verified once.
+    /// OtpService.VerifyCode of codes issued beforehand (not timed), each verified once
+    /// (past 150,000 a request issues its own challenge first).
     OtpVerify,
     /// OtpService.VerifyTotp with the current code of an enrolled seed (unwrapped seed cached in the token).
     TotpVerify,
@@ -504,6 +505,15 @@ fn prepare_state(args: &BenchArgs) -> Result<(crate::demo::Prepared, String, Zer
     eprintln!("bench: preparing {} (token, PKI, ceremony init)", dir.display());
     let p = crate::demo::prepare(&dir, &args.config_template, &listen).map_err(|e| BenchError::Failed(format!("prepare: {e}")))?;
     crate::demo::ceremony_init(&p, &args.profile).map_err(|e| BenchError::Failed(format!("ceremony init: {e}")))?;
+    // otp-verify issues its challenges before measuring: a bigger attempt store.
+    let io = |e: std::io::Error| BenchError::Failed(format!("{}: {e}", p.config.display()));
+    let text = std::fs::read_to_string(&p.config).map_err(io)?;
+    let text = text
+        .lines()
+        .map(|l| if l.trim_start().starts_with("max_open_challenges") { format!("max_open_challenges = {BENCH_OPEN_CHALLENGES}") } else { l.to_string() })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&p.config, text + "\n").map_err(io)?;
     let tmk = crate::demo::load_transport_key(&p, "tmk.terminals")
         .map_err(|e| BenchError::Failed(format!("terminal transport key: {e}")))?;
     Ok((p, listen, tmk))
@@ -650,7 +660,14 @@ impl Target {
             Target::Mac { client, req } => client.generate_mac(req.clone()).await.map(drop).map_err(status_text),
             Target::OtpIssue { client, req } => client.issue_code(req.clone()).await.map(drop).map_err(status_text),
             Target::OtpVerify { client, issued } => {
-                let (challenge, code) = issued.pop().ok_or("ran out of issued challenges (a longer run needs more challenges than the appliance keeps)")?;
+                let (challenge, code) = match issued.pop() {
+                    Some(c) => c,
+                    // Out of pre-issued challenges: this request issues its own (timed).
+                    None => {
+                        let r = client.issue_code(otp_issue_request(2)).await.map_err(status_text)?.into_inner();
+                        (r.challenge, r.code)
+                    }
+                };
                 let r = client.verify_code(otp_verify_request(challenge, code)).await.map_err(status_text)?;
                 if r.get_ref().verdict == CodeVerdict::Valid as i32 {
                     Ok(())
@@ -863,9 +880,11 @@ fn totp_now(seed: &[u8], unix: u64) -> Result<Zeroizing<String>, String> {
     crate::crypto::otp::truncate(&mac, 6).map_err(|e| e.to_string())
 }
 
-/// Challenges issued per worker before otp-verify is measured (the appliance keeps
-/// at most `otp.max_open_challenges`, 100,000 in the example config).
-const OTP_ISSUED_TOTAL: usize = 80_000;
+/// Challenges issued before otp-verify is measured; a worker that runs out issues its
+/// next challenge inside the timed request. The spawned appliance keeps up to
+/// [`BENCH_OPEN_CHALLENGES`] (the example config: 100,000).
+const OTP_ISSUED_TOTAL: usize = 150_000;
+const BENCH_OPEN_CHALLENGES: usize = 400_000;
 
 /// What the PIN operations need from a spawned appliance's state.
 struct PinSetup {

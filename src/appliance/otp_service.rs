@@ -107,6 +107,18 @@ pub async fn seed_blob(
     Ok((blob.encode(), kek_ref, keys))
 }
 
+/// A decoded seed blob with the keys to check and use it.
+struct OpenedBlob {
+    blob: SeedBlob,
+    kek: Arc<KeyEntry>,
+    mac_key: Arc<KeyEntry>,
+    mac_input: Vec<u8>,
+}
+
+fn blob_refused() -> Error {
+    Error::VerificationFailed("seed_blob: not a valid seed blob for this subject".into())
+}
+
 pub struct OtpSvc {
     pub state: Arc<AppState>,
     store: AttemptStore,
@@ -319,32 +331,41 @@ impl OtpSvc {
         Ok(EnrollTotpResponse { provisioning_uri: uri.to_string(), seed_blob: blob, kek: Some(kek) })
     }
 
-    /// The blob of a verification request, its MAC checked against `subject`.
-    async fn open_blob(&self, caller: &Caller, note: &mut Note, blob: &[u8], subject: &str) -> Result<(SeedBlob, Arc<KeyEntry>), Error> {
+    /// The blob of a verification request and its keys; its MAC (binding it to
+    /// `subject`) is checked in the same token job as the HMACs, in `first_match`.
+    fn open_blob(&self, caller: &Caller, note: &mut Note, blob: &[u8], subject: &str) -> Result<OpenedBlob, Error> {
         otp::validate_subject(subject)?;
         caller.may_use_key(SEED_KEK)?;
         caller.may_use_key(CODE_KEY)?;
-        let refused = || Error::VerificationFailed("seed_blob: not a valid seed blob for this subject".into());
-        let b = SeedBlob::decode(blob).ok_or_else(refused)?;
+        let b = SeedBlob::decode(blob).ok_or_else(blob_refused)?;
         let cat = self.state.hsm.catalogue();
-        let mac_key = cat.for_existing(CODE_KEY, b.mac_key_version, &[KeyClass::Otp]).map_err(|_| refused())?;
-        let kek = cat.for_existing(SEED_KEK, b.kek_version, &[KeyClass::K0]).map_err(|_| refused())?;
+        let mac_key = cat.for_existing(CODE_KEY, b.mac_key_version, &[KeyClass::Otp]).map_err(|_| blob_refused())?;
+        let kek = cat.for_existing(SEED_KEK, b.kek_version, &[KeyClass::K0]).map_err(|_| blob_refused())?;
         drop(cat);
         note.keys.push(kek.key_ref());
-        let mac = self.state.hsm.hmac(&mac_key, b.mac_input(subject)).await?;
-        if !ct_eq(&mac, &b.mac) {
-            return Err(refused());
-        }
-        Ok((b, kek))
+        let mac_input = b.mac_input(subject);
+        Ok(OpenedBlob { blob: b, kek, mac_key, mac_input })
     }
 
     /// The counters among `candidates` whose code is `code` (at most the first).
-    async fn first_match(&self, b: &SeedBlob, kek: Arc<KeyEntry>, code: &str, candidates: Vec<u64>) -> Result<Option<u64>, Error> {
-        if !code_shape_ok(code, b.digits) || candidates.is_empty() {
+    async fn first_match(&self, o: OpenedBlob, code: &str, candidates: Vec<u64>) -> Result<Option<u64>, Error> {
+        let b = &o.blob;
+        let messages: Vec<[u8; 8]> = candidates.iter().map(|c| otp::counter_bytes(*c)).collect();
+        let check = (o.mac_key, o.mac_input, b.mac.clone());
+        // The blob is checked even when the code cannot match, so a swapped blob is
+        // always refused.
+        let macs = self
+            .state
+            .hsm
+            .seed_hmacs(&self.seeds, check, o.kek, b.wrapped.clone(), seed_hash(b.hash), messages)
+            .await
+            .map_err(|e| match e {
+                hsm::Error::VerifyFailed => blob_refused(),
+                other => other.into(),
+            })?;
+        if !code_shape_ok(code, b.digits) {
             return Ok(None);
         }
-        let messages: Vec<[u8; 8]> = candidates.iter().map(|c| otp::counter_bytes(*c)).collect();
-        let macs = self.state.hsm.seed_hmacs(&self.seeds, kek, b.wrapped.clone(), seed_hash(b.hash), messages).await?;
         let mut found = None;
         for (c, mac) in candidates.iter().zip(macs.iter()) {
             let expected = otp::truncate(mac, u32::from(b.digits))?;
@@ -362,14 +383,14 @@ impl OtpSvc {
             w @ 1..=3 => u64::from(w),
             _ => return Err(Error::invalid("window", "must be 1-3 steps (or 0 for 1)")),
         };
-        let (b, kek) = self.open_blob(caller, note, &r.seed_blob, &r.subject).await?;
+        let o = self.open_blob(caller, note, &r.seed_blob, &r.subject)?;
         let t = if r.time == 0 { now() } else { r.time };
-        let step = otp::totp_step(t, b.period);
+        let step = otp::totp_step(t, o.blob.period);
         // Only steps newer than the last accepted one: no code is accepted twice.
         let candidates: Vec<u64> =
             (step.saturating_sub(window)..=step.saturating_add(window)).filter(|s| r.last_step == 0 || *s > r.last_step).collect();
         let code = Zeroizing::new(r.code);
-        match self.first_match(&b, kek, &code, candidates).await? {
+        match self.first_match(o, &code, candidates).await? {
             Some(s) => Ok(VerifyTotpResponse { valid: true, step: s }),
             None => Ok(VerifyTotpResponse { valid: false, step: 0 }),
         }
@@ -381,11 +402,11 @@ impl OtpSvc {
             l @ 1..=100 => u64::from(l),
             _ => return Err(Error::invalid("look_ahead", "must be 1-100 (or 0 for 10)")),
         };
-        let (b, kek) = self.open_blob(caller, note, &r.seed_blob, &r.subject).await?;
+        let o = self.open_blob(caller, note, &r.seed_blob, &r.subject)?;
         // The last counter is never a candidate: nothing could come after it.
         let candidates: Vec<u64> = (0..look_ahead).filter_map(|i| r.counter.checked_add(i)).filter(|c| *c < u64::MAX).collect();
         let code = Zeroizing::new(r.code);
-        match self.first_match(&b, kek, &code, candidates).await? {
+        match self.first_match(o, &code, candidates).await? {
             Some(c) => Ok(VerifyHotpResponse { valid: true, next_counter: c + 1 }),
             None => Ok(VerifyHotpResponse { valid: false, next_counter: r.counter }),
         }

@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 
 use super::keys::{destroy_if_present, Catalogue, KeyEntry};
 use super::token::Hsm;
-use super::{ck, ck_verify, Result};
+use super::{ck, ck_verify, Error, Result};
 
 /// HMAC hash of a seed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +46,9 @@ pub struct SeedCache {
 struct SeedObject {
     handle: ObjectHandle,
     users: Arc<()>,
+    /// Blob MACs (digest of MAC input and MAC) already checked for this seed: the same
+    /// check need not run in the token again.
+    verified: Arc<Mutex<Vec<[u8; 32]>>>,
     /// Attachment generation the handle belongs to.
     generation: u64,
 }
@@ -103,17 +106,39 @@ impl Hsm {
     }
 
     /// HMACs of `messages` under the seed in `wrapped` (unwrapped under `kek` in the
-    /// token, or taken from the cache). Callers check the blob's MAC first, so only
-    /// authentic blobs reach the unwrap.
+    /// token, or taken from the cache), in one token job that first checks the blob's
+    /// MAC (`check`: the HMAC key, its input, the MAC the blob carries; constant-time).
+    /// A MAC that does not match is [`Error::VerifyFailed`] and nothing is unwrapped.
     pub async fn seed_hmacs(
         &self,
         cache: &Arc<SeedCache>,
+        check: (Arc<KeyEntry>, Vec<u8>, Vec<u8>),
         kek: Arc<KeyEntry>,
         wrapped: Vec<u8>,
         hash: SeedHash,
         messages: Vec<[u8; 8]>,
     ) -> Result<Vec<Zeroizing<Vec<u8>>>> {
         let id = seed_id(&kek, &wrapped);
+        let (mac_key, mac_input, mac) = check;
+        let check_id = {
+            let mut d = mac_input.clone();
+            d.extend_from_slice(&mac);
+            openssl::sha::sha256(&d)
+        };
+        let authentic = move |s: &Session, cat: &Catalogue| -> Result<()> {
+            let k = cat.handles_of(&mac_key)?;
+            let mech = k
+                .meta
+                .algorithm
+                .hmac_mechanism()
+                .ok_or_else(|| Error::KeyUsage { key: k.key_ref(), reason: "not an HMAC key".into() })?;
+            let computed = s.sign(&mech, k.handle, &mac_input).map_err(ck("seed blob mac"))?;
+            if crate::crypto::mac::ct_eq(&computed, &mac) {
+                Ok(())
+            } else {
+                Err(Error::VerifyFailed)
+            }
+        };
         let sign = move |s: &Session, h: ObjectHandle| -> Result<Vec<Zeroizing<Vec<u8>>>> {
             let mech = hash.mechanism();
             messages.iter().map(|m| s.sign(&mech, h, m).map(Zeroizing::new).map_err(ck("seed hmac"))).collect()
@@ -125,7 +150,11 @@ impl Hsm {
                 .call(move |s, cat| {
                     // The token was re-attached since the lookup: the handle is gone.
                     if cat.generation() != obj.generation {
-                        return Err(super::Error::Unavailable("token attachment changed; retry".into()));
+                        return Err(Error::Unavailable("token attachment changed; retry".into()));
+                    }
+                    if !was_verified(&obj, &check_id) {
+                        authentic(s, cat)?;
+                        mark_verified(&obj, check_id);
                     }
                     sign(s, obj.handle)
                 })
@@ -133,10 +162,30 @@ impl Hsm {
         }
         let cache = Arc::clone(cache);
         self.call_anchor(move |s, cat| {
+            authentic(s, cat)?;
             let obj = cached_seed(s, cat, &cache, &kek, &wrapped, &id)?;
+            mark_verified(&obj, check_id);
             sign(s, obj.handle)
         })
         .await
+    }
+}
+
+/// Blob MACs remembered per seed (normally one subject per seed).
+const VERIFIED_PER_SEED: usize = 8;
+
+fn was_verified(obj: &SeedObject, check_id: &[u8; 32]) -> bool {
+    obj.verified.lock().map(|v| v.contains(check_id)).unwrap_or(false)
+}
+
+fn mark_verified(obj: &SeedObject, check_id: [u8; 32]) {
+    if let Ok(mut v) = obj.verified.lock() {
+        if !v.contains(&check_id) {
+            if v.len() >= VERIFIED_PER_SEED {
+                v.remove(0);
+            }
+            v.push(check_id);
+        }
     }
 }
 
@@ -205,7 +254,7 @@ fn cached_seed(
     let handle = s
         .unwrap_key(&Mechanism::AesKeyWrapPad, k.handle, wrapped, &seed_template(true, false))
         .map_err(ck_verify("unwrap seed"))?;
-    let obj = SeedObject { handle, users: Arc::new(()), generation: cat.generation() };
+    let obj = SeedObject { handle, users: Arc::new(()), verified: Arc::default(), generation: cat.generation() };
     c.seeds.insert(*id, (obj.clone(), tick));
     Ok(obj)
 }
