@@ -19,7 +19,6 @@ use keyward::hsm::{Algorithm, KeyClass, KeyMeta, KeyState};
 use keyward::proto::{GenerateMacRequest, GenerateMacResponse, GetKeyRequest, MacPadding, VerifyMacRequest};
 use openssl::symm::{Cipher, Crypter, Mode};
 use tonic::Code;
-use zeroize::Zeroizing;
 
 const RETAIL_KEY: &str = "0123456789ABCDEFFEDCBA9876543210";
 const RETAIL_DATA: &[u8] = b"Now is the time for all ";
@@ -32,10 +31,6 @@ const CBC_KEY: &str = "89ABCDEF0123456776543210FEDCBA98";
 const HMAC_KEY: &str = "4A6F686E2053746F6E65202D2074657374206B657920666F7220484D41432121";
 /// Lengths the software comparisons run over (64 KiB is the service's limit).
 const LENGTHS: [usize; 10] = [0, 1, 7, 8, 9, 15, 16, 17, 1000, 64 * 1024];
-
-fn h(s: &str) -> Vec<u8> {
-    hex::decode(s).unwrap()
-}
 
 static VECTOR_KEYS: OnceLock<Vec<KeyMeta>> = OnceLock::new();
 
@@ -52,21 +47,7 @@ fn vector_keys() -> &'static [KeyMeta] {
             ("mac.vec-rot", KeyClass::M6, Algorithm::Aes128, CMAC_KEY),
             ("mac.vec-rot-retail", KeyClass::M3, Algorithm::Tdes2, RETAIL_KEY),
         ];
-        let _g = token_write();
-        let c = ceremony();
-        let mut out = Vec::new();
-        for (name, class, alg, value) in keys {
-            let key = h(value);
-            let c1 = component1(key.len());
-            let c2 = xor(&key, &c1);
-            let m = c
-                .import_components(name, class, alg, &[Zeroizing::new(c1), Zeroizing::new(c2)], None)
-                .unwrap_or_else(|e| panic!("import {name}: {e}"));
-            assert_eq!(m.version, 1, "{name}");
-            out.push(m);
-        }
-        c.close().expect("close the ceremony");
-        out
+        import_known_keys(&keys)
     })
 }
 

@@ -24,7 +24,6 @@ use keyward::proto::{
 use keyward::sim::terminal::Terminal;
 use openssl::symm::{Cipher, Crypter, Mode};
 use tonic::{Code, Response, Status};
-use zeroize::Zeroizing;
 
 // ---------------------------------------------------------------------------
 // Known keys (shared/vectors.md) and the names they are imported under
@@ -70,10 +69,6 @@ const F0_PHONE_CLEAR: &str = "041235C7EDCBA987";
 /// The one answer for every malformed block.
 const BAD_BLOCK: &str = "pin.block: PIN block does not contain valid values";
 
-fn h(s: &str) -> Vec<u8> {
-    hex::decode(s).unwrap()
-}
-
 static VECTOR_KEYS: OnceLock<Vec<KeyMeta>> = OnceLock::new();
 
 /// Imports the known keys once per test binary (before any server of this binary
@@ -96,20 +91,10 @@ fn vector_keys() -> &'static [KeyMeta] {
             // A K0 key under a name kif may not use.
             ("kek.vec", KeyClass::K0, Algorithm::Aes256, TMK),
         ];
-        let _g = token_write();
-        let c = ceremony();
-        let mut out = Vec::new();
-        for (name, class, alg, value) in keys {
-            let key = h(value);
-            let c1 = component1(key.len());
-            let c2 = xor(&key, &c1);
-            let m = c
-                .import_components(name, class, alg, &[Zeroizing::new(c1), Zeroizing::new(c2)], None)
-                .unwrap_or_else(|e| panic!("import {name}: {e}"));
-            assert_eq!((m.version, m.class, m.algorithm), (1, class, alg), "{name}");
-            out.push(m);
+        let out = import_known_keys(&keys);
+        for (m, (name, _, alg, _)) in out.iter().zip(keys.iter()) {
+            assert_eq!(m.algorithm, *alg, "{name}");
         }
-        c.close().expect("close the ceremony");
         out
     })
 }

@@ -277,3 +277,29 @@ pub fn xor(a: &[u8], b: &[u8]) -> Vec<u8> {
 pub fn component1(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(0x9D).wrapping_add(0x3B) ^ 0xA5).collect()
 }
+
+/// Hex test data to bytes.
+pub fn h(s: &str) -> Vec<u8> {
+    hex::decode(s).expect("hex test data")
+}
+
+/// Imports keys of known value (name, class, algorithm, hex) with the ceremony, each
+/// split into two components, as version 1; returns what the ceremony reported.
+/// Call before any server of the binary starts, never with TOKEN_WRITE held.
+pub fn import_known_keys(keys: &[(&str, keyward::hsm::KeyClass, keyward::hsm::Algorithm, &str)]) -> Vec<KeyMeta> {
+    let _g = token_write();
+    let c = ceremony();
+    let mut out = Vec::new();
+    for &(name, class, alg, value) in keys {
+        let key = h(value);
+        let c1 = component1(key.len());
+        let c2 = xor(&key, &c1);
+        let m = c
+            .import_components(name, class, alg, &[zeroize::Zeroizing::new(c1), zeroize::Zeroizing::new(c2)], None)
+            .unwrap_or_else(|e| panic!("import {name}: {e}"));
+        assert_eq!((m.version, m.class), (1, class), "{name}");
+        out.push(m);
+    }
+    c.close().expect("close the ceremony");
+    out
+}
