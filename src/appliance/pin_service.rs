@@ -322,11 +322,16 @@ impl PinSvc {
     }
 
     /// Checks a PIN against stored verification data: (match, key used).
-    async fn check(&self, caller: &Caller, note: &mut Note, input: PinInput, pvd: &Pvd) -> Result<(bool, KeyRef), Error> {
-        let account = Self::verification_account(&input)?;
+    /// The verification key named by stored verification data, allowed for the caller.
+    fn stored_pvk(&self, caller: &Caller, note: &mut Note, pvd: &Pvd) -> Result<Arc<KeyEntry>, Error> {
         caller.may_use_key(&pvd.key)?;
         let pvk = self.state.hsm.catalogue().for_existing(&pvd.key, pvd.version, &[Pvd::class_of(pvd.method)])?;
         note.keys.push(pvk.key_ref());
+        Ok(pvk)
+    }
+
+    async fn check(&self, input: PinInput, pvd: &Pvd, pvk: Arc<KeyEntry>) -> Result<(bool, KeyRef), Error> {
+        let account = Self::verification_account(&input)?;
         let key = key_ref(&pvk);
         let matched = self
             .state
@@ -348,13 +353,11 @@ impl PinSvc {
 
     async fn verify_inner(&self, caller: &Caller, note: &mut Note, r: VerifyPinRequest) -> Result<VerifyPinResponse, Error> {
         let pvd = Pvd::parse(&r.verification_data)?;
-        caller.may_use_key(&pvd.key)?;
-        let pvk = self.state.hsm.catalogue().for_existing(&pvd.key, pvd.version, &[Pvd::class_of(pvd.method)])?;
+        let pvk = self.stored_pvk(caller, note, &pvd)?;
         let Some(input) = Self::input_or_mismatch(self.pin_input(caller, note, "pin", r.pin))? else {
-            note.keys.push(pvk.key_ref());
             return Ok(VerifyPinResponse { matched: false, key: Some(key_ref(&pvk)) });
         };
-        let (matched, key) = self.check(caller, note, input, &pvd).await?;
+        let (matched, key) = self.check(input, &pvd, pvk).await?;
         Ok(VerifyPinResponse { matched, key: Some(key) })
     }
 
@@ -369,7 +372,8 @@ impl PinSvc {
         if Self::verification_account(&old)?.digits() != new_account.digits() {
             return Err(Error::invalid("new_pin.account", "must be the account of the old PIN"));
         }
-        let (matched, _) = self.check(caller, note, old, &pvd).await?;
+        let old_pvk = self.stored_pvk(caller, note, &pvd)?;
+        let (matched, _) = self.check(old, &pvd, old_pvk).await?;
         if !matched {
             return Ok(ChangePinResponse { matched: false, verification_data: String::new(), key: None });
         }
@@ -496,7 +500,7 @@ mod tests {
         let a = AccountMsg { kind: Some(account::Kind::Phone("+8613812345678".into())) };
         let d = format!("{a:?} {:?}", EncryptedPin { account: Some(a.clone()), ..Default::default() });
         assert!(!d.contains("1381234"), "{d}");
-        assert!(d.contains("phone, 14 characters"), "{d}");
+        assert!(d.contains("phone, 14 characters") && d.contains("EncryptedPin { .. }"), "{d}");
     }
 
     #[test]
