@@ -15,8 +15,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={p}");
     }
     tonic_prost_build::configure()
-        // Carries a PAN or phone number: its Debug is written by hand (redacted).
-        .skip_debug(["keyward.v1.Account"])
+        // Carry a PAN, phone number, PIN block, code or seed: Debug is written by hand
+        // (redacted) in src/lib.rs.
+        .skip_debug([
+            "keyward.v1.Account",
+            "keyward.v1.EncryptedPin",
+            "keyward.v1.TranslatePinResponse",
+            "keyward.v1.IssueCodeResponse",
+            "keyward.v1.VerifyCodeRequest",
+            "keyward.v1.EnrollTotpResponse",
+            "keyward.v1.VerifyTotpRequest",
+            "keyward.v1.VerifyHotpRequest",
+        ])
         .file_descriptor_set_path(out.join("keyward_descriptor.bin"))
         .compile_protos(&protos, &["proto"])?;
     Ok(())

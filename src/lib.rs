@@ -25,6 +25,26 @@ pub mod proto {
     /// Encoded descriptors for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keyward_descriptor");
 
+    /// Debug of messages that carry a PIN block, code, seed or blob: the type name only.
+    macro_rules! redacted_debug {
+        ($($t:ident),*) => {
+            $(impl std::fmt::Debug for $t {
+                fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str(concat!(stringify!($t), " { .. }"))
+                }
+            })*
+        };
+    }
+    redacted_debug!(
+        EncryptedPin,
+        TranslatePinResponse,
+        IssueCodeResponse,
+        VerifyCodeRequest,
+        EnrollTotpResponse,
+        VerifyTotpRequest,
+        VerifyHotpRequest
+    );
+
     /// Never prints the account number or phone number.
     impl std::fmt::Debug for Account {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
