@@ -10,12 +10,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/keyward/v1/pin.proto",
         "proto/keyward/v1/mac.proto",
         "proto/keyward/v1/otp.proto",
+        "proto/keyward/v1/voucher.proto",
+        "proto/keyward/v1/binding.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }
     tonic_prost_build::configure()
-        // Carry a PAN, phone number, PIN block, code or seed: Debug is written by hand
+        // Carry a PAN, phone number, PIN block, code, seed or identity data: Debug is written by hand
         // (redacted) in src/lib.rs.
         .skip_debug([
             "keyward.v1.Account",
@@ -26,6 +28,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyward.v1.EnrollTotpResponse",
             "keyward.v1.VerifyTotpRequest",
             "keyward.v1.VerifyHotpRequest",
+            "keyward.v1.Binding",
+            "keyward.v1.Identity",
+            "keyward.v1.MaskedBinding",
+            "keyward.v1.BlindIndexRequest",
         ])
         .file_descriptor_set_path(out.join("keyward_descriptor.bin"))
         .compile_protos(&protos, &["proto"])?;

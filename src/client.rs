@@ -11,6 +11,8 @@ use crate::proto::data_service_client::DataServiceClient;
 use crate::proto::key_service_client::KeyServiceClient;
 use crate::proto::mac_service_client::MacServiceClient;
 use crate::proto::otp_service_client::OtpServiceClient;
+use crate::proto::voucher_service_client::VoucherServiceClient;
+use crate::proto::binding_service_client::BindingServiceClient;
 use crate::proto::pin_service_client::PinServiceClient;
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +78,8 @@ pub struct Clients {
     pub pin: PinServiceClient<Channel>,
     pub mac: MacServiceClient<Channel>,
     pub otp: OtpServiceClient<Channel>,
+    pub voucher: VoucherServiceClient<Channel>,
+    pub binding: BindingServiceClient<Channel>,
 }
 
 impl Clients {
@@ -86,7 +90,9 @@ impl Clients {
             admin: AdminServiceClient::new(ch.clone()),
             pin: PinServiceClient::new(ch.clone()),
             mac: MacServiceClient::new(ch.clone()),
-            otp: OtpServiceClient::new(ch),
+            otp: OtpServiceClient::new(ch.clone()),
+            voucher: VoucherServiceClient::new(ch.clone()),
+            binding: BindingServiceClient::new(ch),
         }
     }
 }

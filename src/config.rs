@@ -39,6 +39,10 @@ struct RawConfig {
     #[serde(default)]
     otp: RawOtp,
     #[serde(default)]
+    ecash: RawEcash,
+    #[serde(default)]
+    binding: RawBinding,
+    #[serde(default)]
     clients: BTreeMap<String, String>,
     #[serde(default)]
     roles: BTreeMap<String, RawRole>,
@@ -142,6 +146,54 @@ pub struct OtpConfig {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawEcash {
+    max_batch: usize,
+    certificate_days: u64,
+    max_certificate_days: u64,
+    voucher_days: u64,
+    max_voucher_days: u64,
+}
+
+impl Default for RawEcash {
+    fn default() -> Self {
+        RawEcash { max_batch: 1000, certificate_days: 365, max_certificate_days: 1095, voucher_days: 30, max_voucher_days: 365 }
+    }
+}
+
+/// E-cash settings.
+#[derive(Debug, Clone)]
+pub struct EcashConfig {
+    /// Most payments one VerifyPayments call may carry (1-10000; default 1000).
+    pub max_batch: usize,
+    /// Device certificate validity when the request gives none, and its ceiling.
+    pub certificate_validity: Duration,
+    pub max_certificate_validity: Duration,
+    /// Voucher validity when the request gives none, and its ceiling.
+    pub voucher_validity: Duration,
+    pub max_voucher_validity: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawBinding {
+    max_batch: usize,
+}
+
+impl Default for RawBinding {
+    fn default() -> Self {
+        RawBinding { max_batch: 1000 }
+    }
+}
+
+/// Binding settings.
+#[derive(Debug, Clone)]
+pub struct BindingConfig {
+    /// Most records one RewrapBindings call may carry (1-10000; default 1000).
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAudit {
     dir: String,
@@ -164,7 +216,32 @@ struct RawRole {
     /// Named permissions beyond RPCs and keys (see [`PERMISSIONS`]).
     #[serde(default)]
     permissions: Vec<String>,
+    /// Per-client call rates by RPC path (exact "package.Service/Method").
+    #[serde(default)]
+    rate_limits: BTreeMap<String, RawRate>,
 }
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct RawRate {
+    per_minute: u32,
+    #[serde(default)]
+    burst: Option<u32>,
+}
+
+/// A per-client call rate: a token bucket refilled at `per_minute`, holding `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+/// RPCs that are always rate-limited per client: each one enumerates or reads
+/// bindings. A role allowed one without a `rate_limits` entry gets [`DEFAULT_RATE`].
+pub const RATE_LIMITED_RPCS: &[&str] = &["keyward.v1.BindingService/BlindIndex", "keyward.v1.BindingService/OpenBinding"];
+
+/// The rate of an always-limited RPC a role's config does not set.
+pub const DEFAULT_RATE: RateLimit = RateLimit { per_minute: 60, burst: 10 };
 
 /// Permissions a role may be granted besides RPCs and keys: (name, what it allows).
 pub const PERMISSIONS: &[(&str, &str)] = &[
@@ -173,6 +250,10 @@ pub const PERMISSIONS: &[(&str, &str)] = &[
         "PinService.TranslatePin may give the destination block another account field than the source's",
     ),
     ("otp.clear-code", "OtpService.IssueCode may return the code in clear (else only sealed for an operator)"),
+    (
+        "binding.open-full",
+        "BindingService.OpenBinding returns every field (else the masked view; a masked-view role may not call BlindIndex)",
+    ),
 ];
 
 /// Token settings.
@@ -216,6 +297,8 @@ pub struct Role {
     pub keys: Vec<String>,
     /// Named permissions, each one of [`PERMISSIONS`]; never implied by '*'.
     pub permissions: Vec<String>,
+    /// Per-client call rates by RPC path.
+    pub rate_limits: BTreeMap<String, RateLimit>,
 }
 
 impl Role {
@@ -230,6 +313,21 @@ impl Role {
         self.rpcs.iter().any(|p| {
             p == "*" || p == path || (p.ends_with("/*") && path.starts_with(&p[..p.len() - 1]))
         })
+    }
+
+    /// The per-client rate of an RPC: the configured one, else [`DEFAULT_RATE`] for the
+    /// always-limited RPCs, else none.
+    pub fn rate_limit(&self, path: &str) -> Option<RateLimit> {
+        let path = path.trim_start_matches('/');
+        self.rate_limits
+            .get(path)
+            .copied()
+            .or_else(|| RATE_LIMITED_RPCS.contains(&path).then_some(DEFAULT_RATE))
+    }
+
+    /// Whether OpenBinding gives this role only the masked view.
+    pub fn sees_masked_bindings_only(&self) -> bool {
+        !self.has_permission("binding.open-full")
     }
 
     pub fn allows_key(&self, name: &str) -> bool {
@@ -248,6 +346,8 @@ pub struct Config {
     pub limits: Limits,
     pub audit: AuditConfig,
     pub otp: OtpConfig,
+    pub ecash: EcashConfig,
+    pub binding: BindingConfig,
     /// Client identity (first SAN URI, else subject CN) -> role name.
     pub clients: BTreeMap<String, String>,
     pub roles: BTreeMap<String, Arc<Role>>,
@@ -401,6 +501,24 @@ impl Config {
         if !(1..=10_000_000).contains(&raw.otp.max_open_challenges) {
             c.errors.push("otp.max_open_challenges: must be 1-10000000".into());
         }
+        let e = &raw.ecash;
+        if !(1..=10_000).contains(&e.max_batch) {
+            c.errors.push("ecash.max_batch: must be 1-10000".into());
+        }
+        for (path, days, max) in [
+            ("ecash.certificate_days", e.certificate_days, e.max_certificate_days),
+            ("ecash.voucher_days", e.voucher_days, e.max_voucher_days),
+        ] {
+            if days == 0 || days > max {
+                c.errors.push(format!("{path}: must be 1 to its max_ value ({max})"));
+            }
+            if max > 36_500 {
+                c.errors.push(format!("{path}: the maximum may be at most 36500 days"));
+            }
+        }
+        if !(1..=10_000).contains(&raw.binding.max_batch) {
+            c.errors.push("binding.max_batch: must be 1-10000".into());
+        }
         let l = &raw.limits;
         if l.max_message_bytes < 1024 || l.max_message_bytes > 64 << 20 {
             c.errors.push("limits.max_message_bytes: must be 1 KiB - 64 MiB".into());
@@ -449,15 +567,37 @@ impl Config {
                     ));
                 }
             }
-            roles.insert(
-                name.clone(),
-                Arc::new(Role {
-                    name: name.clone(),
-                    rpcs: r.rpcs.iter().map(|p| p.trim_start_matches('/').to_string()).collect(),
-                    keys: r.keys.clone(),
-                    permissions: r.permissions.clone(),
-                }),
-            );
+            let mut rate_limits = BTreeMap::new();
+            for (rpc, rate) in &r.rate_limits {
+                let rpc = rpc.trim_start_matches('/');
+                let exact = rpc.split_once('/').is_some_and(|(svc, m)| svc.starts_with("keyward.v1.") && !m.is_empty() && !m.contains('*'));
+                if !exact {
+                    c.errors.push(format!("roles.{name}.rate_limits.{rpc:?}: must be an exact \"keyward.v1.Service/Method\""));
+                }
+                let burst = rate.burst.unwrap_or(rate.per_minute.div_ceil(6).max(1));
+                if rate.per_minute == 0 || burst == 0 {
+                    c.errors.push(format!("roles.{name}.rate_limits.{rpc:?}: per_minute and burst must be at least 1"));
+                }
+                rate_limits.insert(rpc.to_string(), RateLimit { per_minute: rate.per_minute, burst });
+            }
+            let role = Role {
+                name: name.clone(),
+                rpcs: r.rpcs.iter().map(|p| p.trim_start_matches('/').to_string()).collect(),
+                keys: r.keys.clone(),
+                permissions: r.permissions.clone(),
+                rate_limits,
+            };
+            // Masked view plus index lookups would unmask a number in 10^4 tries.
+            let explicit = |m: &str| {
+                role.rpcs.iter().any(|p| p == "keyward.v1.BindingService/*" || p == &format!("keyward.v1.BindingService/{m}"))
+            };
+            if explicit("BlindIndex") && explicit("OpenBinding") && role.sees_masked_bindings_only() {
+                c.errors.push(format!(
+                    "roles.{name}: may call OpenBinding with the masked view only, so it may not call BlindIndex \
+                     (grant \"binding.open-full\" or remove one of the two)"
+                ));
+            }
+            roles.insert(name.clone(), Arc::new(role));
         }
         for (client, role) in &raw.clients {
             if !roles.contains_key(role) {
@@ -483,6 +623,14 @@ impl Config {
                     },
                     audit: AuditConfig { dir, checkpoint_every: raw.audit.checkpoint_every },
                     otp: OtpConfig { max_attempts: raw.otp.max_attempts, max_open_challenges: raw.otp.max_open_challenges },
+                    ecash: EcashConfig {
+                        max_batch: e.max_batch,
+                        certificate_validity: Duration::from_secs(e.certificate_days * 86_400),
+                        max_certificate_validity: Duration::from_secs(e.max_certificate_days * 86_400),
+                        voucher_validity: Duration::from_secs(e.voucher_days * 86_400),
+                        max_voucher_validity: Duration::from_secs(e.max_voucher_days * 86_400),
+                    },
+                    binding: BindingConfig { max_batch: raw.binding.max_batch },
                     clients: raw.clients,
                     roles,
                 })
@@ -544,7 +692,11 @@ permissions = ["pin.anything"]
             rpcs: vec!["keyward.v1.DataService/*".into(), "keyward.v1.KeyService/ListKeys".into()],
             keys: vec!["data".into(), "binding*".into()],
             permissions: vec!["pin.change-account".into()],
+            rate_limits: BTreeMap::new(),
         };
+        assert_eq!(r.rate_limit("/keyward.v1.BindingService/BlindIndex"), Some(DEFAULT_RATE));
+        assert_eq!(r.rate_limit("keyward.v1.DataService/Encrypt"), None);
+        assert!(r.sees_masked_bindings_only());
         assert!(r.has_permission("pin.change-account"));
         assert!(!r.has_permission("pin"));
         assert!(r.allows_rpc("/keyward.v1.DataService/Encrypt"));

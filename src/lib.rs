@@ -10,6 +10,7 @@ pub mod ceremony;
 pub mod client;
 pub mod config;
 pub mod crypto;
+pub mod ecash;
 pub mod demo;
 pub mod hsm;
 pub mod pki;
@@ -42,7 +43,11 @@ pub mod proto {
         VerifyCodeRequest,
         EnrollTotpResponse,
         VerifyTotpRequest,
-        VerifyHotpRequest
+        VerifyHotpRequest,
+        Binding,
+        Identity,
+        MaskedBinding,
+        BlindIndexRequest
     );
 
     /// Never prints the account number or phone number.

@@ -97,12 +97,12 @@ async fn authorisation_by_role_and_key() {
     expect_code(stranger.data.clone().encrypt(enc("data", b"x", b"y")).await, Code::PermissionDenied, &[], "stranger -> Encrypt");
 
     let hub = srv.clients("hub").await;
-    expect_code(hub.data.clone().encrypt(enc("binding", b"x", b"y")).await, Code::PermissionDenied, &[], "hub -> Encrypt(binding)");
+    expect_code(hub.data.clone().encrypt(enc("voucher.issuer", b"x", b"y")).await, Code::PermissionDenied, &[], "hub -> Encrypt(voucher.issuer)");
     expect_code(
-        hub.keys.clone().get_key(GetKeyRequest { name: "binding".into(), version: 0 }).await,
+        hub.keys.clone().get_key(GetKeyRequest { name: "voucher.issuer".into(), version: 0 }).await,
         Code::PermissionDenied,
         &[],
-        "hub -> GetKey(binding)",
+        "hub -> GetKey(voucher.issuer)",
     );
     expect_code(hub.admin.clone().reload_keys(ReloadKeysRequest {}).await, Code::PermissionDenied, &[], "hub -> ReloadKeys");
     hub.data.clone().encrypt(enc("data", b"x", b"y")).await.expect("hub -> Encrypt(data)");

@@ -67,7 +67,7 @@ async fn one_line_per_call_whatever_the_outcome() {
     note(&mut seen, DEC, &r);
     let r = hub.data.clone().encrypt(enc("data", b"x", b"")).await;
     note(&mut seen, ENC, &r);
-    let r = hub.data.clone().encrypt(enc("binding", b"x", b"y")).await;
+    let r = hub.data.clone().encrypt(enc("voucher.issuer", b"x", b"y")).await;
     note(&mut seen, ENC, &r);
     let r = auditor.data.clone().encrypt(enc("data", b"x", b"y")).await;
     note(&mut seen, ENC, &r);

@@ -422,18 +422,18 @@ async fn key_service_never_returns_secret_material() {
     assert_eq!(cat.get("voucher.issuer", 1).unwrap().public_der.as_deref(), Some(info.public_key_der.as_slice()));
 
     // Roles filter the list: the hub sees only the keys it may use (data, zpk.*, bdk.*,
-    // pvk.*, mac.*, otp, otp.seal, otp.kek, zek.*).
+    // pvk.*, mac.*, otp, otp.seal, otp.kek, zek.*, binding, binding.index).
     let hub = srv.clients("hub").await;
     let hub_list = hub.keys.clone().list_keys(ListKeysRequest::default()).await.expect("hub ListKeys").into_inner();
     let names: Vec<&str> = hub_list.keys.iter().map(|k| k.name.as_str()).collect();
     assert!(names.contains(&"data") && names.contains(&"zpk.bank-a") && names.contains(&"mac.bank-a.left"), "{names:?}");
     for n in &names {
         assert!(
-            ["data", "otp", "otp.seal", "otp.kek"].contains(n) || ["zpk.", "bdk.", "pvk.", "mac.", "zek."].iter().any(|p| n.starts_with(p)),
+            ["data", "otp", "otp.seal", "otp.kek", "binding", "binding.index"].contains(n) || ["zpk.", "bdk.", "pvk.", "mac.", "zek."].iter().any(|p| n.starts_with(p)),
             "hub sees {n}, outside its role"
         );
     }
-    assert!(!names.iter().any(|n| n.starts_with("audit") || n.starts_with("binding") || n.starts_with("tmk.")), "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("audit") || n.starts_with("voucher") || n.starts_with("tmk.")), "{names:?}");
     srv.stop().await;
 }
 

@@ -19,6 +19,7 @@ use tower::{Layer, Service};
 
 use super::audit::AuditEvent;
 use super::error::code_name;
+use super::rate::RateLimiter;
 use super::{AppState, Caller};
 
 /// Parses a gRPC `grpc-timeout` header value ("100m", "5S", at most 8 digits).
@@ -58,11 +59,12 @@ pub struct AuthLayer {
     state: Arc<AppState>,
     cache: Arc<Mutex<HashMap<[u8; 32], Option<String>>>>,
     counter: Arc<AtomicU64>,
+    rates: Arc<RateLimiter>,
 }
 
 impl AuthLayer {
     pub fn new(state: Arc<AppState>) -> Self {
-        AuthLayer { state, cache: Arc::default(), counter: Arc::default() }
+        AuthLayer { state, cache: Arc::default(), counter: Arc::default(), rates: Arc::default() }
     }
 }
 
@@ -130,6 +132,18 @@ impl AuthLayer {
                 Some(identity),
                 request_id,
             ));
+        }
+        if let Some(limit) = role.rate_limit(&rpc) {
+            if !self.rates.admit(&identity, &rpc, limit) {
+                return Err((
+                    Status::resource_exhausted(format!(
+                        "rate limit of role {} for {rpc} reached ({} per minute per client)",
+                        role.name, limit.per_minute
+                    )),
+                    Some(identity),
+                    request_id,
+                ));
+            }
         }
         let mut budget = self.state.config.limits.deadline;
         if let Some(client) = req.headers().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout) {

@@ -6,6 +6,7 @@ pub mod admin_service;
 pub mod audit;
 pub mod audit_keys;
 pub mod auth;
+pub mod binding_service;
 pub mod data_service;
 pub mod error;
 pub mod key_service;
@@ -13,7 +14,9 @@ pub mod mac_service;
 pub mod otp_service;
 pub mod otp_store;
 pub mod pin_service;
+pub mod rate;
 pub mod server;
+pub mod voucher_service;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

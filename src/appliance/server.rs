@@ -16,7 +16,9 @@ use super::audit::{AuditEvent, AuditOptions, AuditTrail, EventKind};
 use super::auth::AuthLayer;
 use super::data_service::DataSvc;
 use super::mac_service::MacSvc;
+use super::binding_service::BindingSvc;
 use super::otp_service::OtpSvc;
+use super::voucher_service::VoucherSvc;
 use super::pin_service::PinSvc;
 use super::key_service::KeySvc;
 use super::AppState;
@@ -25,7 +27,9 @@ use crate::hsm::{Hsm, HsmOptions};
 use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::data_service_server::DataServiceServer;
 use crate::proto::mac_service_server::MacServiceServer;
+use crate::proto::binding_service_server::BindingServiceServer;
 use crate::proto::otp_service_server::OtpServiceServer;
+use crate::proto::voucher_service_server::VoucherServiceServer;
 use crate::proto::pin_service_server::PinServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
 
@@ -126,6 +130,8 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let mac = MacServiceServer::new(MacSvc { state: Arc::clone(&state) }).max_decoding_message_size(max);
     let otp = OtpServiceServer::new(OtpSvc::new(Arc::clone(&state)).map_err(|e| ServeError::Setup(e.to_string()))?)
         .max_decoding_message_size(max);
+    let voucher = VoucherServiceServer::new(VoucherSvc::new(Arc::clone(&state))).max_decoding_message_size(max);
+    let binding = BindingServiceServer::new(BindingSvc { state: Arc::clone(&state) }).max_decoding_message_size(max);
 
     let incoming = TcpIncoming::bind(config.server.listen)
         .map_err(|err| ServeError::Bind { addr: config.server.listen, err })?
@@ -145,7 +151,9 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         .add_service(admin)
         .add_service(pin)
         .add_service(mac)
-        .add_service(otp);
+        .add_service(otp)
+        .add_service(voucher)
+        .add_service(binding);
 
     // Health follows the token and the audit trail: NOT_SERVING while either is down.
     let watch_state = Arc::clone(&state);
@@ -171,6 +179,8 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
                     "keyward.v1.PinService",
                     "keyward.v1.MacService",
                     "keyward.v1.OtpService",
+                    "keyward.v1.VoucherService",
+                    "keyward.v1.BindingService",
                 ] {
                     health.set_service_status(svc, status).await;
                 }

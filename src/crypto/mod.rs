@@ -1,5 +1,6 @@
 //! Pure, HSM-free formats shared by the services and their clients.
 
+pub mod binding;
 pub mod dukpt;
 pub mod encoding;
 pub mod mac;

@@ -3,6 +3,7 @@
 //! typed cryptographic operations. Nothing outside this module sees a handle or a
 //! cryptoki type.
 
+mod binding;
 mod keys;
 mod mac;
 mod ops;
@@ -14,6 +15,7 @@ pub use keys::{
     label, set_des_parity, validate_name, Algorithm, Catalogue, Compound, KeyClass, KeyEntry, KeyFlags, KeyMeta, KeyState,
     Usage, GCM_LIMIT, LEFT_SUFFIX, RIGHT_SUFFIX, VARIANT_SUFFIX,
 };
+pub use binding::{Resealable, INDEX_LEN};
 pub use mac::{MacAlgorithm, MacKey};
 pub use otp::{SeedCache, SeedHash};
 pub use pin::{format_matches as pin_format_matches, DukptCache, PinInput, PinSourceKey, PvMethod};

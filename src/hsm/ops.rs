@@ -27,7 +27,7 @@ pub const GCM_IV_LEN: usize = 12;
 pub const GCM_TAG_LEN: usize = 16;
 
 
-fn random_iv() -> Result<[u8; GCM_IV_LEN]> {
+pub(super) fn random_iv() -> Result<[u8; GCM_IV_LEN]> {
     let mut iv = [0u8; GCM_IV_LEN];
     openssl::rand::rand_bytes(&mut iv).map_err(|e| Error::Token { op: "os rng", rv: e.to_string() })?;
     Ok(iv)
@@ -116,7 +116,7 @@ fn now_rfc3339() -> String {
 
 /// Counts one AES-GCM invocation, persisting a new reservation in the token's
 /// metadata when the current one is used up (so a restart never reuses counts).
-fn count_gcm(hsm: &Hsm, session: &Session, entry: &KeyEntry) -> Result<()> {
+pub(super) fn count_gcm(hsm: &Hsm, session: &Session, entry: &KeyEntry) -> Result<()> {
     let used = entry.gcm.used.fetch_add(1, Ordering::AcqRel) + 1;
     if used > GCM_LIMIT {
         return Err(Error::Exhausted(format!(
@@ -161,7 +161,7 @@ fn read_meta(session: &Session, h: ObjectHandle) -> Result<KeyMeta> {
     serde_json::from_slice(&value).map_err(|e| Error::Catalogue(format!("metadata unreadable: {e}")))
 }
 
-fn current<'a>(cat: &'a Catalogue, entry: &KeyEntry) -> Result<&'a Arc<KeyEntry>> {
+pub(super) fn current<'a>(cat: &'a Catalogue, entry: &KeyEntry) -> Result<&'a Arc<KeyEntry>> {
     cat.handles_of(entry)
 }
 
@@ -255,6 +255,25 @@ impl Hsm {
         })?;
         low_s_normalise(&mut sig)?;
         Ok(sig)
+    }
+
+    /// ECDSA P-256 over SHA-256(data) on a token worker; raw r||s, low-S.
+    pub async fn ecdsa_sign(&self, key: &Arc<KeyEntry>, data: Vec<u8>) -> Result<[u8; 64]> {
+        if key.meta.algorithm != Algorithm::EcP256 {
+            return Err(Error::KeyUsage { key: key.key_ref(), reason: "not a P-256 key".into() });
+        }
+        let digest = openssl::sha::sha256(&data);
+        let key = Arc::clone(key);
+        let mut sig = self
+            .call(move |s, cat| {
+                let e = current(cat, &key)?;
+                s.sign(&Mechanism::Ecdsa, e.handle, &digest).map_err(ck("ecdsa sign"))
+            })
+            .await?;
+        low_s_normalise(&mut sig)?;
+        let mut out = [0u8; 64];
+        out.copy_from_slice(&sig);
+        Ok(out)
     }
 
     /// Reads the flags of a key's token original (tests and `ceremony list --flags`).

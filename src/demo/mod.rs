@@ -28,8 +28,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::sim::terminal::Terminal;
 use zeroize::Zeroizing;
 
+mod binding;
+mod ecash;
+
 /// Clients the demo PKI issues; the example config gives each a role.
-pub const DEMO_CLIENTS: [&str; 7] = ["admin", "hub", "auditor", "bench", "switch", "activation", "kif"];
+pub const DEMO_CLIENTS: [&str; 10] =
+    ["admin", "hub", "auditor", "bench", "switch", "activation", "kif", "ecash", "service", "lookup"];
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
@@ -180,6 +184,12 @@ pub fn ceremony_init(p: &Prepared, profile: &Path) -> Result<Vec<crate::hsm::Key
     Ok(keys)
 }
 
+/// A ceremony on the prepared token (its config gives the token and audit settings).
+pub fn open_ceremony(p: &Prepared) -> Result<Ceremony, DemoError> {
+    let args = TokenArgs { config: Some(p.config.clone()), module: PathBuf::new(), token_label: String::new(), audit_dir: None };
+    Ok(Ceremony::open(&args)?)
+}
+
 /// The key-injection facility's transport key for terminals: two random custodian
 /// components imported into the token as a new version of `name` (class K0,
 /// AES-256) with `ceremony import-components`; the same clear value is what a
@@ -192,8 +202,7 @@ pub fn load_transport_key(p: &Prepared, name: &str) -> Result<Zeroizing<Vec<u8>>
 /// components imported as a new version of `name`; returns the clear value the
 /// counterparty is given.
 pub fn load_shared_key(p: &Prepared, name: &str, class: KeyClass) -> Result<Zeroizing<Vec<u8>>, DemoError> {
-    let args = TokenArgs { config: Some(p.config.clone()), module: PathBuf::new(), token_label: String::new(), audit_dir: None };
-    let c = Ceremony::open(&args)?;
+    let c = open_ceremony(p)?;
     let mut parts = Vec::new();
     let mut combined = Zeroizing::new(vec![0u8; 32]);
     for _ in 0..2 {
@@ -494,7 +503,7 @@ async fn otp_flows(addr: &str, p: &Prepared, zek: &[u8]) -> Result<(), DemoError
 }
 
 /// Prints a refusal the demo expects, or fails the demo if the call was not refused with `code`.
-fn expect_refused<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, code: Code, what: &str) -> Result<(), DemoError> {
+pub(crate) fn expect_refused<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, code: Code, what: &str) -> Result<(), DemoError> {
     match r {
         Err(s) if s.code() == code => {
             println!("{what}: {:?}: {}", s.code(), s.message());
@@ -504,7 +513,7 @@ fn expect_refused<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Statu
     }
 }
 
-fn step(n: u32, what: &str) {
+pub(crate) fn step(n: u32, what: &str) {
     println!("\n== {n}. {what}");
 }
 
@@ -552,7 +561,7 @@ fn run(args: DemoArgs) -> Result<(), DemoError> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(flows(&p, &tmk, &zek))?;
 
-    step(9, "audit trail: `keyward audit verify`");
+    step(11, "audit trail: `keyward audit verify`");
     let hsm = ceremony::open_token_only(&TokenArgs {
         config: Some(p.config.clone()),
         module: PathBuf::new(),
@@ -618,7 +627,7 @@ async fn flows(p: &Prepared, tmk: &[u8], zek: &[u8]) -> Result<(), DemoError> {
     step(6, "refused calls (deny by default)");
     let enc_req = |key: &str| EncryptRequest { key_name: key.into(), plaintext: b"x".to_vec(), aad: b"y".to_vec() };
     expect_refused(auditor.data.clone().encrypt(enc_req("data")).await, Code::PermissionDenied, "auditor -> DataService.Encrypt")?;
-    expect_refused(hub.data.clone().encrypt(enc_req("binding")).await, Code::PermissionDenied, "hub -> Encrypt with key `binding`")?;
+    expect_refused(hub.data.clone().encrypt(enc_req("voucher.issuer")).await, Code::PermissionDenied, "hub -> Encrypt with key `voucher.issuer`")?;
     expect_refused(
         admin.data.clone().encrypt(enc_req("zpk.switch")).await,
         Code::FailedPrecondition,
@@ -627,6 +636,8 @@ async fn flows(p: &Prepared, tmk: &[u8], zek: &[u8]) -> Result<(), DemoError> {
     drop((admin, hub, auditor));
     pin_flows(&addr, p, tmk).await?;
     otp_flows(&addr, p, zek).await?;
+    ecash::ecash_flows(&addr, p).await?;
+    binding::binding_flows(&addr, p).await?;
     running.shutdown().await?;
     println!("appliance stopped cleanly (final audit checkpoint written)");
     Ok(())
