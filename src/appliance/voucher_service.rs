@@ -4,7 +4,7 @@
 //! software with the public keys the token exports, by the same rules a terminal
 //! applies offline ([`crate::ecash::check_payment`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -12,8 +12,8 @@ use tonic::{Request, Response, Status};
 
 use super::{AppState, Caller, Error, Note};
 use crate::ecash::{
-    check_payment, CertificationRequest, DeviceCertificate, EcashError, KeyRole, KeySource, OfflineLimits, Presented,
-    PublicKey, Signable, Signed, TrustBundle, TrustedKey, Verdict, Voucher,
+    check_payment_memo, CertificationRequest, DeviceCertificate, EcashError, KeyRole, KeySource, OfflineLimits, Presented,
+    PublicKey, Signable, SignatureMemo, Signed, TrustBundle, TrustedKey, Verdict, Voucher,
 };
 use crate::hsm::{Catalogue, KeyClass, KeyEntry, KeyState};
 use crate::proto::voucher_service_server::VoucherService;
@@ -117,14 +117,37 @@ impl TrustSet {
     }
 }
 
+/// Signature checks that succeeded (object and key, see [`SignatureMemo`]); forgotten
+/// all at once when full. Key trust is still checked on every call.
+#[derive(Default)]
+struct Verified(Mutex<HashSet<[u8; 32]>>);
+
+/// Entries kept in [`Verified`].
+const VERIFIED_MAX: usize = 200_000;
+
+impl SignatureMemo for Verified {
+    fn seen(&self, id: &[u8; 32]) -> bool {
+        self.0.lock().map(|s| s.contains(id)).unwrap_or(false)
+    }
+    fn remember(&self, id: [u8; 32]) {
+        if let Ok(mut s) = self.0.lock() {
+            if s.len() >= VERIFIED_MAX {
+                s.clear();
+            }
+            s.insert(id);
+        }
+    }
+}
+
 pub struct VoucherSvc {
     state: Arc<AppState>,
     trust: Mutex<Option<(Arc<Catalogue>, Arc<TrustSet>)>>,
+    verified: Arc<Verified>,
 }
 
 impl VoucherSvc {
     pub fn new(state: Arc<AppState>) -> Self {
-        VoucherSvc { state, trust: Mutex::new(None) }
+        VoucherSvc { state, trust: Mutex::new(None), verified: Arc::default() }
     }
 
     /// The trust set of the current catalogue (rebuilt after a reload or ceremony change).
@@ -307,13 +330,13 @@ impl VoucherSvc {
         let chunk = items.len().div_ceil(parts);
         let mut tasks = Vec::with_capacity(parts);
         for p in 0..parts {
-            let (items, trust) = (Arc::clone(&items), Arc::clone(&trust));
+            let (items, trust, memo) = (Arc::clone(&items), Arc::clone(&trust), Arc::clone(&self.verified));
             tasks.push(tokio::task::spawn_blocking(move || {
                 let end = ((p + 1) * chunk).min(items.len());
                 items[p * chunk..end]
                     .iter()
                     .map(|b| match Presented::decode(b) {
-                        Ok(pr) => wire_verdict(check_payment(trust.as_ref(), &pr, t)),
+                        Ok(pr) => wire_verdict(check_payment_memo(trust.as_ref(), &pr, t, memo.as_ref())),
                         Err(_) => PaymentVerdict::Malformed,
                     })
                     .collect::<Vec<_>>()
