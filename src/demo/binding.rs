@@ -1,6 +1,7 @@
 //! Demo step: bindings. The hub seals a phone-to-account binding, a lookup front end
 //! finds its row by blind index, the hub opens it in full and customer service in the
 //! masked view; `binding` is rotated and the record re-sealed, its index unchanged.
+//! [`demo_binding`] is also the benchmark's record.
 
 use tonic::Code;
 
@@ -11,7 +12,7 @@ use crate::proto::{
     RewrapBindingsRequest, SealBindingRequest, SealedBinding, Sex,
 };
 
-fn demo_binding() -> Binding {
+pub(crate) fn demo_binding() -> Binding {
     Binding {
         phone: DEMO_PHONE.into(),
         bank_code: "BANKA001".into(),

@@ -28,7 +28,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::sim::terminal::Terminal;
 use zeroize::Zeroizing;
 
-mod binding;
+pub(crate) mod binding;
 mod ecash;
 
 /// Clients the demo PKI issues; the example config gives each a role.

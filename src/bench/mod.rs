@@ -25,7 +25,11 @@ use crate::appliance::admin_service::MAX_PING_PAYLOAD;
 use crate::client::{self, ClientTls};
 use crate::config::Config;
 use crate::hsm::{Hsm, KeyClass, KeyEntry};
+mod setup;
+
 use crate::proto::admin_service_client::AdminServiceClient;
+use crate::proto::binding_service_client::BindingServiceClient;
+use crate::proto::voucher_service_client::VoucherServiceClient;
 use crate::proto::data_service_client::DataServiceClient;
 use crate::proto::mac_service_client::MacServiceClient;
 use crate::proto::otp_service_client::OtpServiceClient;
@@ -34,7 +38,8 @@ use crate::proto::{
     account, pin_source, Account as AccountMsg, DecryptRequest, Dukpt, EncryptRequest, EncryptedPin,
     ExportTerminalKeyRequest, GenerateMacRequest, GeneratePinVerificationDataRequest, PinBlockFormat, PinSource,
     PinVerificationMethod, PingRequest, TranslatePinRequest, VerifyPinRequest, ZoneKey, CodeVerdict, EnrollTotpRequest,
-    IssueCodeRequest, TransactionContext, VerifyCodeRequest, VerifyTotpRequest,
+    IssueCodeRequest, TransactionContext, VerifyCodeRequest, VerifyTotpRequest, IssueVoucherRequest,
+    VerifyPaymentsRequest, SealBindingRequest, OpenBindingRequest, BlindIndexRequest, RewrapBindingsRequest,
 };
 use crate::sim::terminal::Terminal;
 
@@ -75,6 +80,11 @@ Examples:
   # Dynamic codes (otp-verify issues its challenges first, unmeasured):
   keyward bench --spawn --op ping,otp-issue,otp-verify,totp-verify --concurrency 64
 
+  # E-cash and bindings (verify-payments and rewrap send batches of 100; rewrap needs
+  # --spawn: it rotates `binding` once through the ceremony first):
+  keyward bench --spawn --op ping,voucher-issue,verify-payments --concurrency 64
+  keyward bench --spawn --op ping,seal,open,blind-index,rewrap --concurrency 64
+
   # Straight on the token (SOFTHSM2_CONF as for `keyward serve`):
   keyward bench --raw --config state/appliance.toml --op encrypt,decrypt
 
@@ -113,6 +123,20 @@ pub enum Op {
     OtpVerify,
     /// OtpService.VerifyTotp with the current code of an enrolled seed (unwrapped seed cached in the token).
     TotpVerify,
+    /// VoucherService.IssueVoucher for one certified device (signed in the token).
+    VoucherIssue,
+    /// VoucherService.VerifyPayments, batches of 100 offline payments (one device's
+    /// chain each, made beforehand by simulated wallets, not timed).
+    VerifyPayments,
+    /// BindingService.SealBinding of one phone-to-account binding.
+    Seal,
+    /// BindingService.OpenBinding of a sealed binding (full view).
+    Open,
+    /// BindingService.BlindIndex of a phone number.
+    BlindIndex,
+    /// BindingService.RewrapBindings, batches of 100 records under the previous
+    /// `binding` version (needs --spawn: the bench rotates `binding` once first).
+    Rewrap,
     /// AES-GCM encryption in-process on the token: no gRPC, TLS or audit (the ceiling).
     RawEncrypt,
     /// AES-GCM decryption in-process on the token.
@@ -132,6 +156,12 @@ impl Op {
             Op::OtpIssue => "otp-issue",
             Op::OtpVerify => "otp-verify",
             Op::TotpVerify => "totp-verify",
+            Op::VoucherIssue => "voucher-issue",
+            Op::VerifyPayments => "verify-payments",
+            Op::Seal => "seal",
+            Op::Open => "open",
+            Op::BlindIndex => "blind-index",
+            Op::Rewrap => "rewrap",
             Op::RawEncrypt => "raw-encrypt",
             Op::RawDecrypt => "raw-decrypt",
         }
@@ -380,7 +410,7 @@ fn run(args: BenchArgs) -> Result<(), BenchError> {
                 let mut child = start_child(p)?;
                 let addr = listen.clone();
                 let tls = ClientTls::dev(&p.pki, &args.client);
-                let pin = PinSetup { tmk: tmk.clone(), pki: p.pki.clone() };
+                let pin = PinSetup { tmk: tmk.clone(), pki: p.pki.clone(), state: p.clone() };
                 let r = rt.block_on(async {
                     wait_ready(&addr, &tls, &mut child).await?;
                     run_network(&plan, &network, &addr, &tls, Some(&pin)).await
@@ -635,6 +665,12 @@ enum Target {
     TotpVerify { client: OtpServiceClient<Channel>, seed: Zeroizing<Vec<u8>>, blob: Vec<u8> },
     RawEncrypt { hsm: Hsm, key: Arc<KeyEntry>, plaintext: Vec<u8> },
     RawDecrypt { hsm: Hsm, key: Arc<KeyEntry>, iv: [u8; 12], ciphertext: Vec<u8> },
+    VoucherIssue { client: VoucherServiceClient<Channel>, req: IssueVoucherRequest },
+    VerifyPayments { client: VoucherServiceClient<Channel>, batches: Arc<setup::Batches> },
+    Seal { client: BindingServiceClient<Channel>, req: SealBindingRequest },
+    Open { client: BindingServiceClient<Channel>, req: OpenBindingRequest },
+    BlindIndex { client: BindingServiceClient<Channel>, req: BlindIndexRequest },
+    Rewrap { client: BindingServiceClient<Channel>, req: RewrapBindingsRequest },
 }
 
 fn status_text(s: tonic::Status) -> String {
@@ -692,6 +728,23 @@ impl Target {
                     Err(s) => Err(status_text(s)),
                 }
             }
+            Target::VoucherIssue { client, req } => client.issue_voucher(req.clone()).await.map(drop).map_err(status_text),
+            Target::VerifyPayments { client, batches } => {
+                let (payments, expected) = batches.next();
+                match client.verify_payments(VerifyPaymentsRequest { payments }).await {
+                    Ok(r) if r.get_ref().valid as usize == expected => Ok(()),
+                    Ok(r) => Err(format!("{} of {expected} payments valid", r.get_ref().valid)),
+                    Err(s) => Err(status_text(s)),
+                }
+            }
+            Target::Seal { client, req } => client.seal_binding(req.clone()).await.map(drop).map_err(status_text),
+            Target::Open { client, req } => client.open_binding(req.clone()).await.map(drop).map_err(status_text),
+            Target::BlindIndex { client, req } => client.blind_index(req.clone()).await.map(drop).map_err(status_text),
+            Target::Rewrap { client, req } => match client.rewrap_bindings(req.clone()).await {
+                Ok(r) if r.get_ref().already_current == 0 => Ok(()),
+                Ok(_) => Err("records came back as already current".into()),
+                Err(s) => Err(status_text(s)),
+            },
             Target::RawEncrypt { hsm, key, plaintext } => hsm
                 .gcm_encrypt(key, BENCH_AAD.to_vec(), plaintext.clone())
                 .await
@@ -892,6 +945,8 @@ struct PinSetup {
     tmk: Zeroizing<Vec<u8>>,
     /// The dev PKI, for the set-up calls of the `kif` and `activation` clients.
     pki: PathBuf,
+    /// The spawned appliance's state (ceremony access for rewrap's key rotation).
+    state: crate::demo::Prepared,
 }
 
 const BENCH_PIN: &str = "1234";
@@ -1155,6 +1210,45 @@ async fn run_network(
                 drive(plan, op, |w| Target::Mac { client: MacServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
                     .await?
             }
+            Op::VoucherIssue => {
+                let req = setup::voucher_request(VoucherServiceClient::new(ch(0))).await?;
+                drive(plan, op, |w| Target::VoucherIssue { client: VoucherServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
+                    .await?
+            }
+            Op::VerifyPayments => {
+                let batches = Arc::new(setup::payment_batches(VoucherServiceClient::new(ch(0)), plan).await?);
+                let row = drive(
+                    plan,
+                    op,
+                    |w| Target::VerifyPayments { client: VoucherServiceClient::new(ch(w)), batches: Arc::clone(&batches) },
+                    Some(channels.len()),
+                    None,
+                )
+                .await?;
+                batches.report_reuse();
+                row
+            }
+            Op::Seal => {
+                let req = SealBindingRequest { binding: Some(setup::bench_binding()) };
+                drive(plan, op, |w| Target::Seal { client: BindingServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
+                    .await?
+            }
+            Op::Open => {
+                let req = setup::open_request(BindingServiceClient::new(ch(0))).await?;
+                drive(plan, op, |w| Target::Open { client: BindingServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
+                    .await?
+            }
+            Op::BlindIndex => {
+                let req = BlindIndexRequest { phone: BENCH_PHONE.into() };
+                drive(plan, op, |w| Target::BlindIndex { client: BindingServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
+                    .await?
+            }
+            Op::Rewrap => {
+                let setup = pin_setup.ok_or_else(|| BenchError::Usage(format!("{}: needs --spawn", op.name())))?;
+                let req = setup::rewrap_request(BindingServiceClient::new(ch(0)), addr, &setup.state).await?;
+                drive(plan, op, |w| Target::Rewrap { client: BindingServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
+                    .await?
+            }
             Op::RawEncrypt | Op::RawDecrypt => continue,
         };
         rows.push((i, row));
@@ -1303,6 +1397,11 @@ fn report(rows: &[Row], json: bool, out: &mut impl std::io::Write) -> std::io::R
 fn ratios(rows: &[Row]) -> Vec<String> {
     let rps = |op: Op| rows.iter().find(|r| r.op == op).map(Row::rps).filter(|v| *v > 0.0);
     let mut lines = Vec::new();
+    for op in [Op::VerifyPayments, Op::Rewrap] {
+        if let Some(x) = rps(op) {
+            lines.push(format!("{} = {:.0} items/s ({} per request)", op.name(), x * setup::BATCH as f64, setup::BATCH));
+        }
+    }
     for (a, b) in [
         (Op::Encrypt, Op::Ping),
         (Op::Decrypt, Op::Ping),
@@ -1313,6 +1412,12 @@ fn ratios(rows: &[Row]) -> Vec<String> {
         (Op::OtpIssue, Op::Ping),
         (Op::OtpVerify, Op::Ping),
         (Op::TotpVerify, Op::Ping),
+        (Op::VoucherIssue, Op::Ping),
+        (Op::VerifyPayments, Op::Ping),
+        (Op::Seal, Op::Ping),
+        (Op::Open, Op::Ping),
+        (Op::BlindIndex, Op::Ping),
+        (Op::Rewrap, Op::Ping),
         (Op::Encrypt, Op::RawEncrypt),
         (Op::Decrypt, Op::RawDecrypt),
     ] {
