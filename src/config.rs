@@ -667,6 +667,17 @@ dir = "audit"
 [roles.ops]
 rpcs = ["Bad*Pattern"]
 permissions = ["pin.anything"]
+[roles.ops.rate_limits]
+"keyward.v1.BindingService/*" = { per_minute = 10 }
+"keyward.v1.BindingService/OpenBinding" = { per_minute = 0 }
+[roles.desk]
+rpcs = ["keyward.v1.BindingService/*"]
+[roles.full]
+rpcs = ["keyward.v1.BindingService/*"]
+permissions = ["binding.open-full"]
+[ecash]
+max_batch = 0
+voucher_days = 400
 "#;
         let err = Config::parse(text, Path::new("/tmp")).err().map(|e| e.0).unwrap_or_default();
         let joined = err.join("\n");
@@ -680,9 +691,15 @@ permissions = ["pin.anything"]
             "clients.\"alice\"",
             "roles.ops.rpcs[0]",
             "roles.ops.permissions[0]: unknown permission",
+            "roles.ops.rate_limits.\"keyward.v1.BindingService/*\": must be an exact",
+            "roles.ops.rate_limits.\"keyward.v1.BindingService/OpenBinding\": per_minute and burst must be at least 1",
+            "roles.desk: may call OpenBinding with the masked view only, so it may not call BlindIndex",
+            "ecash.max_batch",
+            "ecash.voucher_days",
         ] {
             assert!(joined.contains(needle), "missing {needle} in:\n{joined}");
         }
+        assert!(!joined.contains("roles.full"), "a full-view role may call both:\n{joined}");
     }
 
     #[test]
