@@ -57,9 +57,13 @@ impl PublicKey {
         let mut ctx = BigNumContext::new().map_err(|_| EcashError::Crypto("bignum context"))?;
         let point =
             EcPoint::from_bytes(group, sec1, &mut ctx).map_err(|_| EcashError::InvalidKey("not a point on P-256"))?;
+        // P-256 has cofactor 1: a point on the curve (not at infinity, which has no
+        // uncompressed encoding) is in the group; EC_KEY_check_key's n·P test would only
+        // repeat that at the cost of a scalar multiplication.
+        if !point.is_on_curve(group, &mut ctx).map_err(|_| EcashError::Crypto("point check"))? {
+            return Err(EcashError::InvalidKey("not a point on P-256"));
+        }
         let key = EcKey::from_public_key(group, &point).map_err(|_| EcashError::InvalidKey("not a point on P-256"))?;
-        key.check_key()
-            .map_err(|_| EcashError::InvalidKey("not a point on P-256"))?;
         Ok(PublicKey { key, sec1: *sec1 })
     }
 

@@ -549,25 +549,3 @@ mod tests {
         assert_eq!(check(&k, &y), Verdict::UnknownKeyVersion);
     }
 }
-
-#[cfg(test)]
-mod throughput {
-    use super::*;
-    use crate::ecash::testkit::*;
-
-    /// `cargo test --release --lib ecash::verify::throughput -- --ignored --nocapture`
-    #[test]
-    #[ignore]
-    fn check_payment_rate() {
-        let mut k = Kit::new();
-        k.pay(100);
-        let (_, p) = k.pay(100);
-        let n = 2_000;
-        let start = std::time::Instant::now();
-        for _ in 0..n {
-            assert_eq!(check_payment(&k.bundle, &p, 0), Verdict::Valid);
-        }
-        let secs = start.elapsed().as_secs_f64();
-        println!("check_payment (with previous): {:.0}/s on one core", f64::from(n) / secs);
-    }
-}
