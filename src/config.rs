@@ -236,9 +236,14 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
-/// RPCs that are always rate-limited per client: each one enumerates or reads
-/// bindings. A role allowed one without a `rate_limits` entry gets [`DEFAULT_RATE`].
-pub const RATE_LIMITED_RPCS: &[&str] = &["keyward.v1.BindingService/BlindIndex", "keyward.v1.BindingService/OpenBinding"];
+/// RPCs that are always rate-limited per client: each one answers a blind index
+/// (BlindIndex, SealBinding) or reads a binding. A role allowed one without a
+/// `rate_limits` entry gets [`DEFAULT_RATE`].
+pub const RATE_LIMITED_RPCS: &[&str] = &[
+    "keyward.v1.BindingService/BlindIndex",
+    "keyward.v1.BindingService/SealBinding",
+    "keyward.v1.BindingService/OpenBinding",
+];
 
 /// The rate of an always-limited RPC a role's config does not set.
 pub const DEFAULT_RATE: RateLimit = RateLimit { per_minute: 60, burst: 10 };
@@ -591,11 +596,13 @@ impl Config {
             let explicit = |m: &str| {
                 role.rpcs.iter().any(|p| p == "keyward.v1.BindingService/*" || p == &format!("keyward.v1.BindingService/{m}"))
             };
-            if explicit("BlindIndex") && explicit("OpenBinding") && role.sees_masked_bindings_only() {
-                c.errors.push(format!(
-                    "roles.{name}: may call OpenBinding with the masked view only, so it may not call BlindIndex \
-                     (grant \"binding.open-full\" or remove one of the two)"
-                ));
+            for index_rpc in ["BlindIndex", "SealBinding"] {
+                if explicit(index_rpc) && explicit("OpenBinding") && role.sees_masked_bindings_only() {
+                    c.errors.push(format!(
+                        "roles.{name}: may call OpenBinding with the masked view only, so it may not call {index_rpc}, \
+                         which answers a blind index (grant \"binding.open-full\" or remove one of the two)"
+                    ));
+                }
             }
             roles.insert(name.clone(), Arc::new(role));
         }

@@ -120,7 +120,20 @@ impl BindingSvc {
         })
     }
 
+    /// SealBinding and BlindIndex both answer a blind index: a role that sees masked
+    /// bindings may call neither (masked data plus index lookups unmask a number).
+    fn may_compute_indexes(caller: &Caller) -> Result<(), Error> {
+        if caller.role.sees_masked_bindings_only() && caller.role.allows_rpc(OPEN_RPC) {
+            return Err(Error::PermissionDenied(format!(
+                "role {} sees masked bindings and may not compute blind indexes",
+                caller.role.name
+            )));
+        }
+        Ok(())
+    }
+
     async fn seal_inner(&self, caller: &Caller, note: &mut Note, r: SealBindingRequest) -> Result<SealBindingResponse, Error> {
+        Self::may_compute_indexes(caller)?;
         let b = r.binding.ok_or_else(|| Error::invalid("binding", "required"))?;
         let record = BindingRecord::validate(raw_record(b)?, today())?;
         let (ik, sk) = (self.index_key(caller)?, self.seal_key(caller)?);
@@ -137,12 +150,7 @@ impl BindingSvc {
     }
 
     async fn index_inner(&self, caller: &Caller, note: &mut Note, r: BlindIndexRequest) -> Result<BlindIndexResponse, Error> {
-        if caller.role.sees_masked_bindings_only() && caller.role.allows_rpc(OPEN_RPC) {
-            return Err(Error::PermissionDenied(format!(
-                "role {} sees masked bindings and may not compute blind indexes",
-                caller.role.name
-            )));
-        }
+        Self::may_compute_indexes(caller)?;
         let phone = normalise_phone(&r.phone)?;
         let ik = self.index_key(caller)?;
         note.keys.push(ik.key_ref());
@@ -210,6 +218,7 @@ impl BindingSvc {
             }
             let key = self.opening_key(caller, header.key_version, "records").map_err(|e| match e {
                 Error::FailedPrecondition(m) => Error::FailedPrecondition(format!("item {i}: {m}")),
+                Error::KeyNotFound(m) => Error::KeyNotFound(format!("item {i}: {m}")),
                 other => other,
             })?;
             if !note.keys.contains(&key.key_ref()) {
