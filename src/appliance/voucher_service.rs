@@ -104,8 +104,9 @@ impl TrustSet {
                 let not_before = created_at(&e.meta.created);
                 bundle_keys.push(TrustedKey {
                     role,
+                    algorithm: pk.algorithm(),
                     version: e.meta.version,
-                    public_key: pk.sec1(),
+                    public_key: pk.raw().to_vec(),
                     not_before,
                     not_after: u64::MAX,
                 });
@@ -143,11 +144,14 @@ pub struct VoucherSvc {
     state: Arc<AppState>,
     trust: Mutex<Option<(Arc<Catalogue>, Arc<TrustSet>)>>,
     verified: Arc<Verified>,
+    /// The last signed bundle: (bundle version, root key version, bytes), answered
+    /// again while neither changes.
+    bundle: Mutex<Option<(u64, u32, Vec<u8>)>>,
 }
 
 impl VoucherSvc {
     pub fn new(state: Arc<AppState>) -> Self {
-        VoucherSvc { state, trust: Mutex::new(None), verified: Arc::default() }
+        VoucherSvc { state, trust: Mutex::new(None), verified: Arc::default(), bundle: Mutex::new(None) }
     }
 
     /// The trust set of the current catalogue (rebuilt after a reload or ceremony change).
@@ -172,7 +176,7 @@ impl VoucherSvc {
     /// Signs `body` with `key` in the token.
     async fn sign<T: Signable>(&self, key: &Arc<KeyEntry>, body: T) -> Result<Signed<T>, Error> {
         body.validate().map_err(|e| Error::invalid("request", e.to_string()))?;
-        let signature = self.state.hsm.ecdsa_sign(key, body.tbs()).await?;
+        let signature = self.state.hsm.sign(key, body.tbs()).await?;
         Ok(Signed { body, signature })
     }
 
@@ -195,7 +199,7 @@ impl VoucherSvc {
             )
         })?;
         let t = now();
-        if req.body.timestamp + PROOF_MAX_AGE < t || req.body.timestamp > t + PROOF_MAX_AGE {
+        if req.body.timestamp.saturating_add(PROOF_MAX_AGE) < t || req.body.timestamp > t.saturating_add(PROOF_MAX_AGE) {
             return Err(Error::invalid(
                 "certification_request",
                 format!("timestamp must be within {PROOF_MAX_AGE} seconds of the appliance's clock"),
@@ -301,15 +305,26 @@ impl VoucherSvc {
         }
         let key = self.signing_key(caller, ROOT_KEY)?;
         note.keys.push(key.key_ref());
+        note.detail = Some(format!("bundle_version={}", trust.bundle_version));
+        let cached = self
+            .bundle
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().filter(|(v, r, _)| *v == trust.bundle_version && *r == key.meta.version).map(|(_, _, b)| b.clone()));
+        if let Some(bundle) = cached {
+            return Ok(TrustBundleResponse { bundle, bundle_version: trust.bundle_version, key: Some(key_ref(&key)) });
+        }
         let body = TrustBundle {
             bundle_version: trust.bundle_version,
             issued_at: now(),
             root_key_version: key.meta.version,
             keys: trust.bundle_keys.clone(),
         };
-        let b = self.sign(&key, body).await?;
-        note.detail = Some(format!("bundle_version={}", trust.bundle_version));
-        Ok(TrustBundleResponse { bundle: b.encode(), bundle_version: trust.bundle_version, key: Some(key_ref(&key)) })
+        let bundle = self.sign(&key, body).await?.encode();
+        if let Ok(mut g) = self.bundle.lock() {
+            *g = Some((trust.bundle_version, key.meta.version, bundle.clone()));
+        }
+        Ok(TrustBundleResponse { bundle, bundle_version: trust.bundle_version, key: Some(key_ref(&key)) })
     }
 
     async fn verify_inner(&self, caller: &Caller, note: &mut Note, r: VerifyPaymentsRequest) -> Result<VerifyPaymentsResponse, Error> {

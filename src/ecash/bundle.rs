@@ -56,7 +56,7 @@ impl TrustBundle {
                     version: k.version,
                     not_before: k.not_before,
                     not_after: k.not_after,
-                    key: PublicKey::from_sec1(&k.public_key)?,
+                    key: PublicKey::from_raw(k.algorithm, &k.public_key)?,
                 })
             })
             .collect::<Result<Vec<_>, EcashError>>()?;
@@ -110,7 +110,7 @@ impl fmt::Debug for VerifiedBundle {
 mod tests {
     use super::*;
     use crate::ecash::format::TrustedKey;
-    use crate::ecash::sig::SigningKey;
+    use crate::ecash::sig::{KeyAlgorithm, SigningKey};
     use crate::ecash::testkit::*;
 
     #[test]
@@ -144,8 +144,9 @@ mod tests {
             root_key_version: 3,
             keys: vec![TrustedKey {
                 role: KeyRole::VoucherIssuer,
+                algorithm: KeyAlgorithm::P256,
                 version: 7,
-                public_key: a.public_key().sec1(),
+                public_key: a.sec1().to_vec(),
                 not_before: 100,
                 not_after: 200,
             }],

@@ -11,7 +11,7 @@ use std::fmt;
 
 use openssl::sha::Sha256;
 
-use super::sig::{self, PublicKey, SigningKey, SEC1_LEN, SIG_LEN};
+use super::sig::{self, KeyAlgorithm, PublicKey, SigningKey, SEC1_LEN, SIG_LEN};
 use super::EcashError;
 
 /// Format version, the first field of every tbs encoding.
@@ -31,7 +31,11 @@ pub const MAX_MERCHANT_ID: usize = 32;
 pub const MAX_TERMINAL_ID: usize = 16;
 pub const MAX_BUNDLE_KEYS: usize = 64;
 /// Encoded size of one [`TrustedKey`]: role, version, public key, not_before, not_after.
-pub const TRUSTED_KEY_LEN: usize = 1 + 4 + SEC1_LEN + 8 + 8;
+/// Encoded length of a trusted key, by algorithm: role, algorithm, version, key,
+/// not_before, not_after.
+pub fn trusted_key_len(alg: KeyAlgorithm) -> usize {
+    1 + 1 + 4 + alg.key_len() + 8 + 8
+}
 
 fn bad(kind: &'static str, field: &'static str, msg: &'static str) -> EcashError {
     EcashError::Malformed { kind, field, msg }
@@ -43,6 +47,10 @@ pub trait Signable: Sized + Clone + PartialEq + Eq + fmt::Debug {
     const TAG: &'static str;
     /// Kind name used in error messages.
     const KIND: &'static str;
+    /// Signed by a device key, which is always P-256: decoding already refuses a
+    /// non-canonical (high-S) signature. Objects of the appliance's keys (P-256 or
+    /// Ed25519) are checked when verified, once the key's algorithm is known.
+    const DEVICE_SIGNED: bool = false;
 
     /// Calls `f` with each tbs field in order, starting with the version byte.
     fn visit_fields(&self, f: &mut dyn FnMut(&[u8]));
@@ -194,6 +202,7 @@ pub struct CertificationRequest {
 impl Signable for CertificationRequest {
     const TAG: &'static str = TAG_CERTIFICATION_REQUEST;
     const KIND: &'static str = "certification request";
+    const DEVICE_SIGNED: bool = true;
 
     fn visit_fields(&self, f: &mut dyn FnMut(&[u8])) {
         f(&[FORMAT_V1]);
@@ -425,6 +434,7 @@ pub struct Payment {
 impl Signable for Payment {
     const TAG: &'static str = TAG_PAYMENT;
     const KIND: &'static str = "payment";
+    const DEVICE_SIGNED: bool = true;
 
     fn visit_fields(&self, f: &mut dyn FnMut(&[u8])) {
         f(&[FORMAT_V1]);
@@ -518,9 +528,11 @@ impl KeyRole {
 #[derive(Clone, PartialEq, Eq)]
 pub struct TrustedKey {
     pub role: KeyRole,
+    pub algorithm: KeyAlgorithm,
     /// `>= 1`.
     pub version: u32,
-    pub public_key: [u8; SEC1_LEN],
+    /// SEC1 uncompressed point (P-256, 65 bytes) or the Ed25519 key (32 bytes).
+    pub public_key: Vec<u8>,
     /// Unix seconds, `< not_after`.
     pub not_before: u64,
     pub not_after: u64,
@@ -530,8 +542,9 @@ impl fmt::Debug for TrustedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TrustedKey")
             .field("role", &self.role)
+            .field("algorithm", &self.algorithm)
             .field("version", &self.version)
-            .field("public_key", &hex::encode(self.public_key))
+            .field("public_key", &hex::encode(&self.public_key))
             .field("not_before", &self.not_before)
             .field("not_after", &self.not_after)
             .finish()
@@ -550,13 +563,14 @@ pub struct TrustBundle {
 }
 
 impl TrustBundle {
-    /// The `keys` field: count u16 BE, then each key as role(1) version(4) pk(65)
-    /// not_before(8) not_after(8).
+    /// The `keys` field: count u16 BE, then each key as role(1) algorithm(1)
+    /// version(4) public key (65 for P-256, 32 for Ed25519) not_before(8) not_after(8).
     fn keys_field(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(2 + self.keys.len() * TRUSTED_KEY_LEN);
+        let mut out = Vec::with_capacity(2 + self.keys.len() * trusted_key_len(KeyAlgorithm::P256));
         out.extend_from_slice(&(self.keys.len().min(usize::from(u16::MAX)) as u16).to_be_bytes());
         for k in &self.keys {
             out.push(k.role.code());
+            out.push(k.algorithm.code());
             out.extend_from_slice(&k.version.to_be_bytes());
             out.extend_from_slice(&k.public_key);
             out.extend_from_slice(&k.not_before.to_be_bytes());
@@ -572,24 +586,33 @@ impl TrustBundle {
         if count == 0 || count > MAX_BUNDLE_KEYS {
             return Err(bad(k, "keys", "must hold 1 to 64 keys"));
         }
-        if rest.len() != count * TRUSTED_KEY_LEN {
-            return Err(bad(k, "keys", "wrong length"));
-        }
         let mut keys = Vec::with_capacity(count);
         while let Some((role, r)) = rest.split_first() {
+            if keys.len() == count {
+                return Err(bad(k, "keys", "wrong length"));
+            }
             let role = KeyRole::from_code(*role).ok_or(bad(k, "keys.role", "unknown role"))?;
+            let (algorithm, r) = r.split_first().ok_or(bad(k, "keys", "truncated"))?;
+            let algorithm = KeyAlgorithm::from_code(*algorithm).ok_or(bad(k, "keys.algorithm", "unknown algorithm"))?;
             let (version, r) = r.split_first_chunk::<4>().ok_or(bad(k, "keys", "truncated"))?;
-            let (public_key, r) = r.split_first_chunk::<SEC1_LEN>().ok_or(bad(k, "keys", "truncated"))?;
+            if r.len() < algorithm.key_len() {
+                return Err(bad(k, "keys", "truncated"));
+            }
+            let (public_key, r) = r.split_at(algorithm.key_len());
             let (not_before, r) = r.split_first_chunk::<8>().ok_or(bad(k, "keys", "truncated"))?;
             let (not_after, r) = r.split_first_chunk::<8>().ok_or(bad(k, "keys", "truncated"))?;
             keys.push(TrustedKey {
                 role,
+                algorithm,
                 version: u32::from_be_bytes(*version),
-                public_key: *public_key,
+                public_key: public_key.to_vec(),
                 not_before: u64::from_be_bytes(*not_before),
                 not_after: u64::from_be_bytes(*not_after),
             });
             rest = r;
+        }
+        if keys.len() != count {
+            return Err(bad(k, "keys", "wrong length"));
         }
         Ok(keys)
     }
@@ -622,7 +645,8 @@ impl Signable for TrustBundle {
             if key.not_before >= key.not_after {
                 return Err(bad(k, "keys.not_after", "must be after not_before"));
             }
-            check_point(k, "keys.public_key", &key.public_key)?;
+            PublicKey::from_raw(key.algorithm, &key.public_key)
+                .map_err(|_| bad(k, "keys.public_key", "not a public key of its algorithm"))?;
         }
         let sorted = self
             .keys
@@ -704,7 +728,7 @@ impl<T: Signable> Signed<T> {
         let (tbs, sig) = bytes.split_at(split);
         let body = T::decode_tbs(tbs)?;
         let signature: [u8; SIG_LEN] = sig.try_into().map_err(|_| bad(T::KIND, "signature", "truncated"))?;
-        if !sig::is_canonical(&signature) {
+        if T::DEVICE_SIGNED && !sig::is_canonical(&signature) {
             return Err(bad(T::KIND, "signature", "not a canonical low-S P-256 signature"));
         }
         Ok(Signed { body, signature })
@@ -718,9 +742,13 @@ impl<T: Signable> Signed<T> {
         h.finish()
     }
 
-    /// Verifies the signature over the tbs bytes under `key` (refusing high-S).
+    /// Verifies the signature over the tbs bytes under `key`: ECDSA P-256 (refusing
+    /// high-S) or pure Ed25519, by the key's algorithm.
     pub fn verify(&self, key: &PublicKey) -> Result<(), EcashError> {
-        sig::verify_digest(key, &tbs_digest(&self.body), &self.signature)
+        match key.algorithm() {
+            KeyAlgorithm::P256 => sig::verify_digest(key, &tbs_digest(&self.body), &self.signature),
+            KeyAlgorithm::Ed25519 => sig::verify(key, &self.body.tbs(), &self.signature),
+        }
     }
 }
 
@@ -893,7 +921,7 @@ mod tests {
 
     #[test]
     fn signature_bytes_matter_and_high_s_is_not_decoded() {
-        let k = Kit::new();
+        let mut k = Kit::new();
         let e = k.voucher.encode();
         let n = e.len();
         for i in n - 64..n {
@@ -906,8 +934,16 @@ mod tests {
         let mut high = k.voucher.clone();
         high.signature[32..].copy_from_slice(&n_minus_s(&k.voucher.signature));
         assert_eq!(high.verify(&k.issuer.public_key()), Err(EcashError::BadSignature));
+        // An appliance object may carry an Ed25519 signature: its P-256 high-S is
+        // refused when verified, once the key's algorithm is known.
+        let decoded = Signed::<Voucher>::decode(&high.encode()).unwrap();
+        assert_eq!(decoded.verify(&k.issuer.public_key()), Err(EcashError::BadSignature));
+        // A device-signed object (always P-256) is not even decoded.
+        let (_, p) = k.pay(100);
+        let mut hp = p.payment.clone();
+        hp.signature[32..].copy_from_slice(&n_minus_s(&p.payment.signature));
         assert!(matches!(
-            Signed::<Voucher>::decode(&high.encode()),
+            Signed::<Payment>::decode(&hp.encode()),
             Err(EcashError::Malformed { field: "signature", .. })
         ));
     }
@@ -1181,7 +1217,7 @@ mod tests {
         // root_key_version(4+4), then the keys field length and its count.
         let keys_at = TAG_TRUST_BUNDLE.len() + 1 + 5 + 12 + 12 + 8;
         let len = u32::from_be_bytes(e[keys_at..keys_at + 4].try_into().unwrap()) as usize;
-        assert_eq!(len, 2 + 2 * TRUSTED_KEY_LEN);
+        assert_eq!(len, 2 + 2 * trusted_key_len(KeyAlgorithm::P256));
         assert_eq!(&e[keys_at + 4..keys_at + 6], &[0, 2]);
         for count in [0u8, 1, 3] {
             let mut x = e.clone();

@@ -28,7 +28,7 @@ pub use format::{
     TrustedKey, Voucher,
 };
 pub use offline::{Challenge, Terminal, Wallet, WalletError};
-pub use sig::{low_s, verify_p256, PublicKey, SigningKey};
+pub use sig::{low_s, verify_p256, KeyAlgorithm, PublicKey, SigningKey};
 pub use verify::{check_payment, check_payment_memo, KeySource, NoMemo, SignatureMemo, Verdict};
 
 /// What went wrong decoding, building or verifying an e-cash object. Messages name
@@ -54,7 +54,7 @@ pub enum EcashError {
     /// A trust bundle older than the one required (or held).
     #[error("older bundle: version {got}, at least {min} required")]
     OlderBundle { got: u64, min: u64 },
-    /// A trust bundle with the version already held but different bytes.
+    /// A trust bundle with the version already held but other keys.
     #[error("bundle version {0} is already held with different content")]
     BundleConflict(u64),
     /// The crypto library failed (out of memory, no randomness); names the operation.

@@ -58,15 +58,22 @@ impl Terminal {
     }
 
     /// Verifies and installs a trust bundle; returns its version. Refuses a bundle older
-    /// than the one held ([`EcashError::OlderBundle`]); the same version only if
-    /// byte-identical ([`EcashError::BundleConflict`]). On refusal the held bundle stays.
+    /// than the one held ([`EcashError::OlderBundle`]). A bundle of the version held is a
+    /// refresh: with the same keys and root version it changes nothing (another
+    /// appliance, or a restart, signs the same content with another issue time and
+    /// signature); with other keys it is refused ([`EcashError::BundleConflict`]). On
+    /// refusal the held bundle stays.
     pub fn update_bundle(&mut self, encoded: &[u8]) -> Result<u64, EcashError> {
         let held = self.bundle.as_ref();
         let min = held.map_or(0, VerifiedBundle::version);
         let verified = TrustBundle::verify(encoded, &self.roots, min)?;
         if let Some(h) = held {
-            if verified.version() == h.version() && verified.encoded() != h.encoded() {
-                return Err(EcashError::BundleConflict(h.version()));
+            if verified.version() == h.version() {
+                let (new, old) = (verified.bundle(), h.bundle());
+                if new.keys != old.keys || new.root_key_version != old.root_key_version {
+                    return Err(EcashError::BundleConflict(h.version()));
+                }
+                return Ok(h.version());
             }
         }
         let version = verified.version();
@@ -203,7 +210,7 @@ impl Wallet {
     ) -> Result<Signed<CertificationRequest>, WalletError> {
         let body = CertificationRequest {
             device_id: self.device_id,
-            device_public_key: self.key.public_key().sec1(),
+            device_public_key: self.key.sec1(),
             account_ref: account_ref.to_vec(),
             timestamp: now,
         };
@@ -218,7 +225,7 @@ impl Wallet {
         if cert.body.device_id != self.device_id {
             return Err(WalletError::Refused("certificate for another device"));
         }
-        if cert.body.device_public_key != self.key.public_key().sec1() {
+        if cert.body.device_public_key != self.key.sec1() {
             return Err(WalletError::Refused("certificate for another key"));
         }
         self.certificate = Some(cert);
@@ -585,12 +592,16 @@ mod tests {
         assert_eq!(t.verify_with_held_bundle(&ch, 100, &p), Ok(()));
         // Same version, same bytes: accepted again.
         assert_eq!(t.update_bundle(&k.bundle_signed.encode()), Ok(BUNDLE_V));
-        // Same version, other content (here: re-signed, a different signature).
-        let again = Signed::sign(k.bundle_signed.body.clone(), &k.root).unwrap();
-        assert_eq!(
-            t.update_bundle(&again.encode()),
-            Err(EcashError::BundleConflict(BUNDLE_V))
-        );
+        // Same version and keys, signed again later: a refresh, the held bundle stays.
+        let again = TrustBundle { issued_at: k.bundle_signed.body.issued_at + 60, ..k.bundle_signed.body.clone() };
+        let again = Signed::sign(again, &k.root).unwrap();
+        assert_eq!(t.update_bundle(&again.encode()), Ok(BUNDLE_V));
+        assert_eq!(t.bundle().map(|b| b.encoded().to_vec()), Some(k.bundle_signed.encode()));
+        // Same version, other keys: refused.
+        let mut other = k.bundle_signed.body.clone();
+        other.keys.truncate(1);
+        let other = Signed::sign(other, &k.root).unwrap();
+        assert_eq!(t.update_bundle(&other.encode()), Err(EcashError::BundleConflict(BUNDLE_V)));
         // Older bundle.
         let older = TrustBundle {
             bundle_version: BUNDLE_V - 1,

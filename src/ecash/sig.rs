@@ -1,6 +1,7 @@
-//! P-256 public keys (parsed once), strict ECDSA-P256-SHA256 verification of raw
-//! `r || s` signatures (low-S only, DESIGN.md "Encodings everyone must share"), and a
-//! software signer for the simulated wallet and for tests.
+//! Public keys (parsed once): P-256 for devices and, for the appliance's signing keys,
+//! P-256 or Ed25519. Strict ECDSA-P256-SHA256 verification of raw `r || s` signatures
+//! (low-S only, DESIGN.md "Encodings everyone must share"), pure Ed25519 verification,
+//! and a software P-256 signer for the simulated wallet and for tests.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -10,7 +11,8 @@ use openssl::bn::{BigNum, BigNumContext};
 use openssl::ec::{EcGroup, EcGroupRef, EcKey, EcPoint, PointConversionForm};
 use openssl::ecdsa::EcdsaSig;
 use openssl::nid::Nid;
-use openssl::pkey::{PKey, Private, Public};
+use openssl::pkey::{Id, PKey, Private, Public};
+use openssl::sign::Verifier;
 
 use super::EcashError;
 
@@ -27,8 +29,41 @@ const HALF_N: [u8; 32] = [
 
 /// Length of a SEC1 uncompressed P-256 point.
 pub const SEC1_LEN: usize = 65;
-/// Length of a raw `r || s` signature.
+/// Length of a raw `r || s` signature (and of an Ed25519 signature).
 pub const SIG_LEN: usize = 64;
+/// Length of an Ed25519 public key.
+pub const ED25519_LEN: usize = 32;
+
+/// The signature algorithm of a public key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KeyAlgorithm {
+    /// ECDSA P-256 over SHA-256, raw `r || s`, low-S; keys as SEC1 uncompressed points.
+    P256 = 1,
+    /// Pure Ed25519 (RFC 8032); keys as 32 bytes.
+    Ed25519 = 2,
+}
+
+impl KeyAlgorithm {
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_code(code: u8) -> Option<KeyAlgorithm> {
+        match code {
+            1 => Some(KeyAlgorithm::P256),
+            2 => Some(KeyAlgorithm::Ed25519),
+            _ => None,
+        }
+    }
+
+    /// Length of a public key of this algorithm in the formats.
+    pub fn key_len(self) -> usize {
+        match self {
+            KeyAlgorithm::P256 => SEC1_LEN,
+            KeyAlgorithm::Ed25519 => ED25519_LEN,
+        }
+    }
+}
 
 /// The P-256 group, built once per process.
 fn p256() -> Result<&'static EcGroupRef, EcashError> {
@@ -39,14 +74,36 @@ fn p256() -> Result<&'static EcGroupRef, EcashError> {
         .ok_or(EcashError::Crypto("P-256 group"))
 }
 
-/// A P-256 public key, parsed and checked once; verification never re-parses it.
+/// A public key, parsed and checked once; verification never re-parses it.
 #[derive(Clone)]
 pub struct PublicKey {
-    key: EcKey<Public>,
-    sec1: [u8; SEC1_LEN],
+    key: Inner,
+    /// SEC1 uncompressed point (P-256) or the 32 key bytes (Ed25519).
+    raw: Vec<u8>,
+}
+
+#[derive(Clone)]
+enum Inner {
+    P256(EcKey<Public>),
+    Ed25519(PKey<Public>),
 }
 
 impl PublicKey {
+    /// From the bytes the formats carry for `alg` (SEC1 point or 32 Ed25519 bytes).
+    pub fn from_raw(alg: KeyAlgorithm, raw: &[u8]) -> Result<PublicKey, EcashError> {
+        match alg {
+            KeyAlgorithm::P256 => {
+                let sec1: &[u8; SEC1_LEN] = raw.try_into().map_err(|_| EcashError::InvalidKey("not a SEC1 uncompressed point"))?;
+                Self::from_sec1(sec1)
+            }
+            KeyAlgorithm::Ed25519 => {
+                let pkey = PKey::public_key_from_raw_bytes(raw, Id::ED25519)
+                    .map_err(|_| EcashError::InvalidKey("not an Ed25519 public key"))?;
+                Ok(PublicKey { key: Inner::Ed25519(pkey), raw: raw.to_vec() })
+            }
+        }
+    }
+
     /// From a SEC1 uncompressed point (`0x04 || X || Y`); refuses any other first byte
     /// and any point not on the curve.
     pub fn from_sec1(sec1: &[u8; SEC1_LEN]) -> Result<PublicKey, EcashError> {
@@ -64,23 +121,27 @@ impl PublicKey {
             return Err(EcashError::InvalidKey("not a point on P-256"));
         }
         let key = EcKey::from_public_key(group, &point).map_err(|_| EcashError::InvalidKey("not a point on P-256"))?;
-        Ok(PublicKey { key, sec1: *sec1 })
+        Ok(PublicKey { key: Inner::P256(key), raw: sec1.to_vec() })
     }
 
-    /// From a DER SubjectPublicKeyInfo holding a P-256 key.
+    /// From a DER SubjectPublicKeyInfo holding a P-256 or Ed25519 key.
     pub fn from_spki_der(der: &[u8]) -> Result<PublicKey, EcashError> {
         let pkey =
             PKey::public_key_from_der(der).map_err(|_| EcashError::InvalidKey("not a DER SubjectPublicKeyInfo"))?;
         Self::from_pkey(&pkey)
     }
 
-    /// From a PEM `PUBLIC KEY` (SubjectPublicKeyInfo) holding a P-256 key.
+    /// From a PEM `PUBLIC KEY` (SubjectPublicKeyInfo) holding a P-256 or Ed25519 key.
     pub fn from_pem(pem: &[u8]) -> Result<PublicKey, EcashError> {
         let pkey = PKey::public_key_from_pem(pem).map_err(|_| EcashError::InvalidKey("not a PEM public key"))?;
         Self::from_pkey(&pkey)
     }
 
     fn from_pkey(pkey: &PKey<Public>) -> Result<PublicKey, EcashError> {
+        if pkey.id() == Id::ED25519 {
+            let raw = pkey.raw_public_key().map_err(|_| EcashError::InvalidKey("not an Ed25519 public key"))?;
+            return Self::from_raw(KeyAlgorithm::Ed25519, &raw);
+        }
         let ec = pkey.ec_key().map_err(|_| EcashError::InvalidKey("not an EC key"))?;
         if ec.group().curve_name() != Some(Nid::X9_62_PRIME256V1) {
             return Err(EcashError::InvalidKey("not a P-256 key"));
@@ -98,29 +159,48 @@ impl PublicKey {
         Self::from_sec1(&sec1)
     }
 
-    /// The SEC1 uncompressed point.
-    pub fn sec1(&self) -> [u8; SEC1_LEN] {
-        self.sec1
+    pub fn algorithm(&self) -> KeyAlgorithm {
+        match self.key {
+            Inner::P256(_) => KeyAlgorithm::P256,
+            Inner::Ed25519(_) => KeyAlgorithm::Ed25519,
+        }
+    }
+
+    /// The key as the formats carry it: a SEC1 uncompressed point (P-256) or 32 bytes (Ed25519).
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+
+    /// The SEC1 uncompressed point of a P-256 key (device keys are always P-256);
+    /// `None` for an Ed25519 key.
+    pub fn sec1(&self) -> Option<[u8; SEC1_LEN]> {
+        match self.key {
+            Inner::P256(_) => self.raw.as_slice().try_into().ok(),
+            Inner::Ed25519(_) => None,
+        }
+    }
+
+    fn pkey(&self) -> Result<PKey<Public>, EcashError> {
+        match &self.key {
+            Inner::P256(k) => PKey::from_ec_key(k.clone()).map_err(|_| EcashError::Crypto("public key export")),
+            Inner::Ed25519(k) => Ok(k.clone()),
+        }
     }
 
     /// DER SubjectPublicKeyInfo (the export form of DESIGN.md).
     pub fn to_spki_der(&self) -> Result<Vec<u8>, EcashError> {
-        PKey::from_ec_key(self.key.clone())
-            .and_then(|k| k.public_key_to_der())
-            .map_err(|_| EcashError::Crypto("public key export"))
+        self.pkey()?.public_key_to_der().map_err(|_| EcashError::Crypto("public key export"))
     }
 
     /// PEM `PUBLIC KEY` (SubjectPublicKeyInfo).
     pub fn to_pem(&self) -> Result<Vec<u8>, EcashError> {
-        PKey::from_ec_key(self.key.clone())
-            .and_then(|k| k.public_key_to_pem())
-            .map_err(|_| EcashError::Crypto("public key export"))
+        self.pkey()?.public_key_to_pem().map_err(|_| EcashError::Crypto("public key export"))
     }
 }
 
 impl PartialEq for PublicKey {
     fn eq(&self, other: &PublicKey) -> bool {
-        self.sec1 == other.sec1
+        self.algorithm() == other.algorithm() && self.raw == other.raw
     }
 }
 
@@ -128,7 +208,7 @@ impl Eq for PublicKey {}
 
 impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PublicKey({})", hex::encode(self.sec1))
+        write!(f, "PublicKey({:?}, {})", self.algorithm(), hex::encode(&self.raw))
     }
 }
 
@@ -165,15 +245,33 @@ pub fn verify_p256(key: &PublicKey, msg: &[u8], sig: &[u8; SIG_LEN]) -> Result<(
     verify_digest(key, &openssl::sha::sha256(msg), sig)
 }
 
-/// [`verify_p256`] of an already computed SHA-256 digest.
+/// Verifies `sig` over `msg` by the key's algorithm: ECDSA P-256 over SHA-256 (low-S
+/// only) or pure Ed25519 (openssl refuses a non-canonical S).
+pub fn verify(key: &PublicKey, msg: &[u8], sig: &[u8; SIG_LEN]) -> Result<(), EcashError> {
+    match &key.key {
+        Inner::P256(_) => verify_p256(key, msg, sig),
+        Inner::Ed25519(pkey) => {
+            let mut v = Verifier::new_without_digest(pkey).map_err(|_| EcashError::Crypto("Ed25519 verifier"))?;
+            match v.verify_oneshot(sig, msg) {
+                Ok(true) => Ok(()),
+                _ => Err(EcashError::BadSignature),
+            }
+        }
+    }
+}
+
+/// [`verify_p256`] of an already computed SHA-256 digest (P-256 keys only).
 pub(crate) fn verify_digest(key: &PublicKey, digest: &[u8; 32], sig: &[u8; SIG_LEN]) -> Result<(), EcashError> {
+    let Inner::P256(ec) = &key.key else {
+        return Err(EcashError::BadSignature);
+    };
     if !is_canonical(sig) {
         return Err(EcashError::BadSignature);
     }
     let r = BigNum::from_slice(&sig[..32]).map_err(|_| EcashError::Crypto("bignum"))?;
     let s = BigNum::from_slice(&sig[32..]).map_err(|_| EcashError::Crypto("bignum"))?;
     let sig = EcdsaSig::from_private_components(r, s).map_err(|_| EcashError::Crypto("ECDSA signature"))?;
-    match sig.verify(digest, &key.key) {
+    match sig.verify(digest, ec) {
         Ok(true) => Ok(()),
         _ => Err(EcashError::BadSignature),
     }
@@ -232,12 +330,19 @@ impl SigningKey {
     pub fn public_key(&self) -> PublicKey {
         self.public.clone()
     }
+
+    /// The public half as a SEC1 uncompressed point.
+    pub fn sec1(&self) -> [u8; SEC1_LEN] {
+        let mut out = [0u8; SEC1_LEN];
+        out.copy_from_slice(&self.public.raw);
+        out
+    }
 }
 
 impl fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SigningKey")
-            .field("public", &hex::encode(&self.public.sec1[..9]))
+            .field("public", &hex::encode(&self.public.raw[..9]))
             .finish_non_exhaustive()
     }
 }
@@ -293,7 +398,8 @@ mod tests {
         let r = BigNum::from_slice(&high[..32]).unwrap();
         let s = BigNum::from_slice(&high[32..]).unwrap();
         let os = EcdsaSig::from_private_components(r, s).unwrap();
-        assert!(os.verify(&openssl::sha::sha256(b"msg"), &pk.key).unwrap());
+        let Inner::P256(ec) = &pk.key else { panic!("a P-256 key") };
+        assert!(os.verify(&openssl::sha::sha256(b"msg"), ec).unwrap());
         // ...but it is refused here, and low_s brings it back.
         assert!(!is_canonical(&high));
         assert_eq!(verify_p256(&pk, b"msg", &high), Err(EcashError::BadSignature));
@@ -340,11 +446,11 @@ mod tests {
         assert_eq!(PublicKey::from_spki_der(&der).unwrap(), pk);
         let pem = pk.to_pem().unwrap();
         assert_eq!(PublicKey::from_pem(&pem).unwrap(), pk);
-        assert_eq!(PublicKey::from_sec1(&pk.sec1()).unwrap(), pk);
-        let mut bad = pk.sec1();
+        assert_eq!(PublicKey::from_sec1(&pk.sec1().unwrap()).unwrap(), pk);
+        let mut bad = pk.sec1().unwrap();
         bad[0] = 0x02;
         assert!(PublicKey::from_sec1(&bad).is_err());
-        let mut off = pk.sec1();
+        let mut off = pk.sec1().unwrap();
         off[64] ^= 1;
         assert!(PublicKey::from_sec1(&off).is_err());
         assert!(PublicKey::from_sec1(&[0u8; 65]).is_err());
@@ -364,7 +470,7 @@ mod tests {
         assert!(!s.contains(&hex::encode(&private)), "{s}");
         assert!(!s.contains(&hex::encode(&private[..4])), "{s}");
         assert!(
-            s.starts_with("SigningKey {") && s.contains(&hex::encode(&k.public.sec1[..9])),
+            s.starts_with("SigningKey {") && s.contains(&hex::encode(&k.public.raw[..9])),
             "{s}"
         );
     }

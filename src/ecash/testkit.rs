@@ -9,7 +9,7 @@ use super::format::{
     TrustedKey, Voucher,
 };
 use super::offline::{Challenge, Terminal, Wallet};
-use super::sig::SigningKey;
+use super::sig::{KeyAlgorithm, SigningKey};
 
 pub const T0: u64 = 1_700_000_000;
 pub const DAY: u64 = 86_400;
@@ -79,15 +79,17 @@ impl Kit {
             keys: vec![
                 TrustedKey {
                     role: KeyRole::DeviceCa,
+                    algorithm: KeyAlgorithm::P256,
                     version: 1,
-                    public_key: ca.public_key().sec1(),
+                    public_key: ca.sec1().to_vec(),
                     not_before: KEY_NOT_BEFORE,
                     not_after: u64::MAX,
                 },
                 TrustedKey {
                     role: KeyRole::VoucherIssuer,
+                    algorithm: KeyAlgorithm::P256,
                     version: 1,
-                    public_key: issuer.public_key().sec1(),
+                    public_key: issuer.sec1().to_vec(),
                     not_before: 0,
                     not_after: u64::MAX,
                 },
@@ -201,7 +203,7 @@ fn print_doc_example() {
     let key = SigningKey::generate().unwrap();
     let v = Signed::sign(example_voucher_body(), &key).unwrap();
     println!("WIRE {}", hex::encode(v.encode()));
-    println!("SEC1 {}", hex::encode(key.public_key().sec1()));
+    println!("SEC1 {}", hex::encode(key.sec1()));
     println!(
         "PEM\n{}",
         String::from_utf8(key.public_key().to_pem().unwrap()).unwrap()

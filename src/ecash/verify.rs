@@ -134,7 +134,7 @@ impl SignatureMemo for NoMemo {
 fn verify<T: Signable>(s: &Signed<T>, key: &PublicKey, memo: &dyn SignatureMemo) -> Result<(), Verdict> {
     let mut h = Sha256::new();
     h.update(&s.hash());
-    h.update(&key.sec1());
+    h.update(key.raw());
     let id = h.finish();
     if memo.seen(&id) {
         return Ok(());
@@ -311,6 +311,60 @@ mod tests {
         }
     }
 
+    /// An Ed25519 `voucher.issuer` version next to the P-256 one: its vouchers verify
+    /// through the bundle, a changed byte or the other version's key does not.
+    #[test]
+    fn ed25519_issuer_keys_verify_through_the_bundle() {
+        use crate::ecash::format::{TrustBundle, TrustedKey, Voucher};
+        use crate::ecash::sig::KeyAlgorithm;
+        use openssl::pkey::PKey;
+        use openssl::sign::Signer;
+
+        let mut k = Kit::new();
+        let ed = PKey::generate_ed25519().unwrap();
+        let mut body = k.bundle_signed.body.clone();
+        body.bundle_version += 1;
+        body.keys.push(TrustedKey {
+            role: KeyRole::VoucherIssuer,
+            algorithm: KeyAlgorithm::Ed25519,
+            version: 2,
+            public_key: ed.raw_public_key().unwrap(),
+            not_before: 0,
+            not_after: u64::MAX,
+        });
+        let bundle = Signed::sign(body, &k.root).unwrap();
+        let roots = [(1, k.root.public_key())];
+        let vb = TrustBundle::verify(&bundle.encode(), &roots, 0).unwrap();
+        assert_eq!(Signed::<TrustBundle>::decode(&bundle.encode()).unwrap(), bundle);
+
+        let voucher_body = Voucher {
+            voucher_id: [9; 16],
+            counter_at_issue: k.wallet.counter(),
+            issuer_key_version: 2,
+            ..k.voucher.body.clone()
+        };
+        let signature: [u8; 64] = Signer::new_without_digest(&ed)
+            .unwrap()
+            .sign_oneshot_to_vec(&voucher_body.tbs())
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let voucher = Signed { body: voucher_body, signature };
+        assert_eq!(Signed::<Voucher>::decode(&voucher.encode()).unwrap(), voucher);
+        k.wallet.load_voucher(voucher.clone()).unwrap();
+        k.voucher = voucher;
+        let (_, p) = k.pay(1_000);
+        assert_eq!(check_payment(&vb, &p, 0), Verdict::Valid);
+        // The terminal's old bundle has no version 2.
+        assert_eq!(check(&k, &p), Verdict::UnknownKeyVersion);
+        let mut x = p.clone();
+        x.voucher.signature[10] ^= 1;
+        assert_eq!(check_payment(&vb, &x, 0), Verdict::BadSignature);
+        let mut y = p.clone();
+        y.voucher.body.issuer_key_version = 1;
+        assert_eq!(check_payment(&vb, &y, 0), Verdict::BadSignature);
+    }
+
     #[test]
     fn memo_skips_only_what_verified_under_the_same_key() {
         let (mut k, p) = first();
@@ -329,7 +383,7 @@ mod tests {
         let rogue = crate::ecash::sig::SigningKey::generate().unwrap();
         let ca = &k.ca;
         let mut body = p.certificate.body.clone();
-        body.device_public_key = rogue.public_key().sec1();
+        body.device_public_key = rogue.sec1();
         let x = Presented { certificate: Signed::sign(body, ca).unwrap(), ..p.clone() };
         assert_eq!(check_payment_memo(&k.bundle, &x, t, &memo), Verdict::BadSignature);
         // Bad signatures are never remembered.

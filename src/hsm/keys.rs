@@ -21,6 +21,8 @@ pub(crate) const META_APPLICATION: &[u8] = b"keyward/key-metadata/v1";
 pub(crate) const GCM_APPLICATION: &[u8] = b"keyward/gcm-reserved/v1";
 /// DER OID of prime256v1, the CKA_EC_PARAMS of P-256 keys.
 pub(crate) const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07];
+/// CKA_EC_PARAMS of Ed25519: the DER OID 1.3.101.112 (id-Ed25519).
+pub(crate) const ED25519_PARAMS: &[u8] = &[0x06, 0x03, 0x2B, 0x65, 0x70];
 /// AES-GCM: at most 2^32 invocations per key version (NIST SP 800-38D 8.3).
 pub const GCM_LIMIT: u64 = 1 << 32;
 /// Invocations reserved in the token's metadata at a time, so a crash never reuses a count.
@@ -181,10 +183,13 @@ pub enum Algorithm {
     HmacSha512,
     #[serde(rename = "EC-P256")]
     EcP256,
+    /// EdDSA on edwards25519 (pure Ed25519), signing keys of class S0.
+    #[serde(rename = "Ed25519")]
+    Ed25519,
 }
 
 impl Algorithm {
-    pub const ALL: [Algorithm; 10] = [
+    pub const ALL: [Algorithm; 11] = [
         Algorithm::Aes128,
         Algorithm::Aes192,
         Algorithm::Aes256,
@@ -195,6 +200,7 @@ impl Algorithm {
         Algorithm::HmacSha256,
         Algorithm::HmacSha512,
         Algorithm::EcP256,
+        Algorithm::Ed25519,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -209,6 +215,7 @@ impl Algorithm {
             Algorithm::HmacSha256 => "HMAC-SHA256",
             Algorithm::HmacSha512 => "HMAC-SHA512",
             Algorithm::EcP256 => "EC-P256",
+            Algorithm::Ed25519 => "Ed25519",
         }
     }
 
@@ -217,7 +224,7 @@ impl Algorithm {
             Algorithm::Aes128 | Algorithm::Aes192 | Algorithm::Aes256 => Family::Aes,
             Algorithm::Des | Algorithm::Tdes2 | Algorithm::Tdes3 => Family::Des,
             Algorithm::HmacSha1 | Algorithm::HmacSha256 | Algorithm::HmacSha512 => Family::Hmac,
-            Algorithm::EcP256 => Family::Ec,
+            Algorithm::EcP256 | Algorithm::Ed25519 => Family::Ec,
         }
     }
 
@@ -234,7 +241,7 @@ impl Algorithm {
             Algorithm::HmacSha1 => Some(20),
             Algorithm::HmacSha256 => Some(32),
             Algorithm::HmacSha512 => Some(64),
-            Algorithm::EcP256 => None,
+            Algorithm::EcP256 | Algorithm::Ed25519 => None,
         }
     }
 
@@ -253,6 +260,7 @@ impl Algorithm {
             Algorithm::Tdes3 => KeyType::DES3,
             Algorithm::HmacSha1 | Algorithm::HmacSha256 | Algorithm::HmacSha512 => KeyType::GENERIC_SECRET,
             Algorithm::EcP256 => KeyType::EC,
+            Algorithm::Ed25519 => KeyType::EC_EDWARDS,
         }
     }
 
@@ -944,7 +952,7 @@ fn load_once(session: &Session, previous: Option<&Catalogue>, copies: bool, gene
             (false, _) => objects.secret_or_private,
         };
         let public_der = match objects.public {
-            Some(p) => Some(super::ops::public_key_der(session, p)?),
+            Some(p) => Some(super::ops::public_key_der(session, p, meta.algorithm)?),
             None => None,
         };
         let gcm = match reused {

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
@@ -17,7 +18,7 @@ use zeroize::Zeroizing;
 
 use super::keys::{
     self, create_metadata, label, write_metadata, Algorithm, Catalogue, Family, KeyClass, KeyEntry, KeyMeta,
-    KeyState, GCM_LIMIT, GCM_RESERVE_STEP, P256_PARAMS,
+    KeyState, ED25519_PARAMS, GCM_LIMIT, GCM_RESERVE_STEP, P256_PARAMS,
 };
 use super::token::Hsm;
 use super::{ck, ck_verify, Error, Result};
@@ -55,8 +56,8 @@ pub fn low_s_normalise(sig: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
-/// DER SubjectPublicKeyInfo of a P-256 public key object.
-pub(crate) fn public_key_der(session: &Session, h: ObjectHandle) -> Result<Vec<u8>> {
+/// DER SubjectPublicKeyInfo of a P-256 or Ed25519 public key object.
+pub(crate) fn public_key_der(session: &Session, h: ObjectHandle, alg: Algorithm) -> Result<Vec<u8>> {
     let attrs = session
         .get_attributes(h, &[AttributeType::EcPoint, AttributeType::EcParams])
         .map_err(ck("get_attributes"))?;
@@ -74,6 +75,11 @@ pub(crate) fn public_key_der(session: &Session, h: ObjectHandle) -> Result<Vec<u
         _ => point.clone(),
     };
     let err = |e: openssl::error::ErrorStack| Error::Catalogue(format!("public key: {e}"));
+    if alg == Algorithm::Ed25519 {
+        return PKey::public_key_from_raw_bytes(&sec1, openssl::pkey::Id::ED25519)
+            .and_then(|k| k.public_key_to_der())
+            .map_err(err);
+    }
     let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).map_err(err)?;
     let mut ctx = BigNumContext::new().map_err(err)?;
     let p = EcPoint::from_bytes(&group, &sec1, &mut ctx).map_err(err)?;
@@ -257,23 +263,32 @@ impl Hsm {
         Ok(sig)
     }
 
-    /// ECDSA P-256 over SHA-256(data) on a token worker; raw r||s, low-S.
-    pub async fn ecdsa_sign(&self, key: &Arc<KeyEntry>, data: Vec<u8>) -> Result<[u8; 64]> {
-        if key.meta.algorithm != Algorithm::EcP256 {
-            return Err(Error::KeyUsage { key: key.key_ref(), reason: "not a P-256 key".into() });
-        }
-        let digest = openssl::sha::sha256(&data);
+    /// A 64-byte signature of `data` on a token worker, by the key's algorithm: ECDSA
+    /// P-256 over SHA-256(data), raw r||s, low-S; or pure Ed25519 over `data`.
+    pub async fn sign(&self, key: &Arc<KeyEntry>, data: Vec<u8>) -> Result<[u8; 64]> {
+        let alg = key.meta.algorithm;
+        let input = match alg {
+            Algorithm::EcP256 => openssl::sha::sha256(&data).to_vec(),
+            Algorithm::Ed25519 => data,
+            _ => return Err(Error::KeyUsage { key: key.key_ref(), reason: "not a signature key".into() }),
+        };
         let key = Arc::clone(key);
         let mut sig = self
             .call(move |s, cat| {
                 let e = current(cat, &key)?;
-                s.sign(&Mechanism::Ecdsa, e.handle, &digest).map_err(ck("ecdsa sign"))
+                match alg {
+                    Algorithm::Ed25519 => s
+                        .sign(&Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)), e.handle, &input)
+                        .map_err(ck("eddsa sign")),
+                    _ => s.sign(&Mechanism::Ecdsa, e.handle, &input).map_err(ck("ecdsa sign")),
+                }
             })
             .await?;
-        low_s_normalise(&mut sig)?;
-        let mut out = [0u8; 64];
-        out.copy_from_slice(&sig);
-        Ok(out)
+        if alg == Algorithm::EcP256 {
+            low_s_normalise(&mut sig)?;
+        }
+        <[u8; 64]>::try_from(sig.as_slice())
+            .map_err(|_| Error::Token { op: "sign", rv: format!("signature of {} bytes", sig.len()) })
     }
 
     /// Reads the flags of a key's token original (tests and `ceremony list --flags`).
@@ -365,7 +380,7 @@ impl Hsm {
                     Attribute::Private(false),
                     Attribute::Modifiable(copyable),
                     Attribute::Verify(true),
-                    Attribute::EcParams(P256_PARAMS.to_vec()),
+                    Attribute::EcParams(if alg == Algorithm::Ed25519 { ED25519_PARAMS } else { P256_PARAMS }.to_vec()),
                     Attribute::Label(lbl.clone().into_bytes()),
                     Attribute::Id(lbl.clone().into_bytes()),
                 ];
@@ -375,9 +390,9 @@ impl Hsm {
                     Attribute::Decrypt(false),
                     Attribute::Unwrap(false),
                 ]);
-                let (pubh, privh) =
-                    s.generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private).map_err(ck("generate_key_pair"))?;
-                let spki = public_key_der(s, pubh)?;
+                let mech = if alg == Algorithm::Ed25519 { Mechanism::EccEdwardsKeyPairGen } else { Mechanism::EccKeyPairGen };
+                let (pubh, privh) = s.generate_key_pair(&mech, &public, &private).map_err(ck("generate_key_pair"))?;
+                let spki = public_key_der(s, pubh, alg)?;
                 (privh, Some(spki))
             } else {
                 let len = alg.secret_len().ok_or_else(|| Error::Catalogue("no key length".into()))?;

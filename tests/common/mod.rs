@@ -31,6 +31,16 @@ pub struct Fixture {
 
 static FIXTURE: OnceLock<Fixture> = OnceLock::new();
 
+/// The key profile `ceremony init` runs with (the example one unless a test binary
+/// chose another with [`use_profile`] before its first fixture use).
+static PROFILE: OnceLock<PathBuf> = OnceLock::new();
+
+/// Chooses this binary's key profile; must come before the first [`fixture`] call.
+pub fn use_profile(path: PathBuf) {
+    assert!(FIXTURE.get().is_none(), "use_profile after the fixture was made");
+    let _ = PROFILE.set(path);
+}
+
 /// Serialises every test step that creates or changes token objects (and server
 /// start-up, which copies keys into session objects): SoftHSM 2.6.1 races on object
 /// creation and search across the several `Hsm` instances of one process.
@@ -75,10 +85,9 @@ pub fn fixture() -> &'static Fixture {
         }
         let prepared = keyward::demo::prepare(&dir, Path::new("pkcs11-config/appliance.toml"), "127.0.0.1:0")
             .expect("demo::prepare (softhsm-setup, dev PKI, config)");
-        let init_keys = keyward::demo::ceremony_init(&prepared, Path::new("pkcs11-config/key-profile.toml"))
-            .expect("ceremony init");
-        let profile = ceremony::read_profile(&keyward::demo::repo_file(Path::new("pkcs11-config/key-profile.toml")))
-            .expect("read the key profile");
+        let profile_path = PROFILE.get_or_init(|| PathBuf::from("pkcs11-config/key-profile.toml")).clone();
+        let init_keys = keyward::demo::ceremony_init(&prepared, &profile_path).expect("ceremony init");
+        let profile = ceremony::read_profile(&keyward::demo::repo_file(&profile_path)).expect("read the key profile");
         Fixture { prepared, profile, init_keys }
     })
 }
