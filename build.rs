@@ -17,7 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={p}");
     }
     tonic_prost_build::configure()
-        // Carry a PAN, phone number, PIN block, code, seed or identity data: Debug is written by hand
+        // Carry a PAN, phone number, PIN block, code, seed, identity data or an e-cash
+        // account reference: Debug is written by hand
         // (redacted) in src/lib.rs.
         .skip_debug([
             "keyward.v1.Account",
@@ -32,6 +33,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyward.v1.Identity",
             "keyward.v1.MaskedBinding",
             "keyward.v1.BlindIndexRequest",
+            "keyward.v1.CertifyDeviceRequest",
+            "keyward.v1.CertifyDeviceResponse",
+            "keyward.v1.IssueVoucherRequest",
+            "keyward.v1.VerifyPaymentsRequest",
         ])
         .file_descriptor_set_path(out.join("keyward_descriptor.bin"))
         .compile_protos(&protos, &["proto"])?;

@@ -245,6 +245,15 @@ pub const RATE_LIMITED_RPCS: &[&str] = &[
     "keyward.v1.BindingService/OpenBinding",
 ];
 
+/// The bucket an RPC's calls are counted in: BlindIndex and SealBinding share one
+/// (both answer a blind index), every other RPC has its own.
+pub fn rate_bucket(rpc: &str) -> &str {
+    match rpc.trim_start_matches('/') {
+        "keyward.v1.BindingService/BlindIndex" | "keyward.v1.BindingService/SealBinding" => "blind-index",
+        other => other,
+    }
+}
+
 /// The rate of an always-limited RPC a role's config does not set.
 pub const DEFAULT_RATE: RateLimit = RateLimit { per_minute: 60, burst: 10 };
 
@@ -510,15 +519,15 @@ impl Config {
         if !(1..=10_000).contains(&e.max_batch) {
             c.errors.push("ecash.max_batch: must be 1-10000".into());
         }
-        for (path, days, max) in [
-            ("ecash.certificate_days", e.certificate_days, e.max_certificate_days),
-            ("ecash.voucher_days", e.voucher_days, e.max_voucher_days),
+        for (path, days, max_path, max) in [
+            ("ecash.certificate_days", e.certificate_days, "ecash.max_certificate_days", e.max_certificate_days),
+            ("ecash.voucher_days", e.voucher_days, "ecash.max_voucher_days", e.max_voucher_days),
         ] {
             if days == 0 || days > max {
-                c.errors.push(format!("{path}: must be 1 to its max_ value ({max})"));
+                c.errors.push(format!("{path}: must be 1 to {max_path} ({max})"));
             }
             if max > 36_500 {
-                c.errors.push(format!("{path}: the maximum may be at most 36500 days"));
+                c.errors.push(format!("{max_path}: must be at most 36500 days"));
             }
         }
         if !(1..=10_000).contains(&raw.binding.max_batch) {

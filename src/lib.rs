@@ -26,7 +26,8 @@ pub mod proto {
     /// Encoded descriptors for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keyward_descriptor");
 
-    /// Debug of messages that carry a PIN block, code, seed or blob: the type name only.
+    /// Debug of messages that carry a PIN block, code, seed, blob, identity data or an
+    /// e-cash account reference: the type name only.
     macro_rules! redacted_debug {
         ($($t:ident),*) => {
             $(impl std::fmt::Debug for $t {
@@ -47,7 +48,11 @@ pub mod proto {
         Binding,
         Identity,
         MaskedBinding,
-        BlindIndexRequest
+        BlindIndexRequest,
+        CertifyDeviceRequest,
+        CertifyDeviceResponse,
+        IssueVoucherRequest,
+        VerifyPaymentsRequest
     );
 
     /// Never prints the account number or phone number.

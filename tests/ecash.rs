@@ -59,19 +59,13 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn device_id() -> [u8; 16] {
-    let mut d = [0u8; 16];
-    openssl::rand::rand_bytes(&mut d).expect("random device id");
-    d
-}
-
 fn lim(max_balance: u64, max_single_payment: u64, max_consecutive_offline: u32) -> WireLimits {
     WireLimits { max_balance, max_single_payment, max_consecutive_offline }
 }
 
-/// A fresh wallet (random device id, fresh device key).
+/// A fresh wallet (fresh device key, its device id derived from it).
 fn wallet() -> Wallet {
-    Wallet::new(device_id()).expect("a wallet")
+    Wallet::new().expect("a wallet")
 }
 
 /// The PEM `keyward ceremony export-public NAME --version V` prints (the real binary).
@@ -449,6 +443,13 @@ async fn certify_device_checks_possession_age_limits_and_validity() {
     let stranger = SigningKey::generate().unwrap();
     let foreign = Signed::sign(body.clone(), &stranger).unwrap();
     expect_code(call(foreign.encode(), Some(good), 0).await, Code::InvalidArgument, &["certification_request"], "signed by another key");
+    // Another device's id with this device's key (to spend the other device's
+    // vouchers): ids are derived from keys, so the request does not even decode.
+    let victim = wallet();
+    let attacker = SigningKey::generate().unwrap();
+    let body = CertificationRequest { device_id: victim.device_id(), device_public_key: attacker.sec1(), ..body };
+    let hijack = Signed { signature: attacker.sign(&body.tbs()).unwrap(), body };
+    expect_code(call(hijack.encode(), Some(good), 0).await, Code::InvalidArgument, &["device_id"], "another device's id");
     // A request whose signature bytes were changed.
     let mut req = w.certification_request(ACCOUNT, now()).unwrap().encode();
     let n = req.len();
@@ -1033,16 +1034,13 @@ async fn verify_payments_200_chained_payments_and_the_signature_memo() {
         let r = verify_batch(&c, std::slice::from_ref(p)).await;
         assert_eq!(verdicts(&r), [want[i]], "item {i} alone");
     }
-    // A certificate for the same device id with another device key, signed by a
-    // software CA under the real device.ca version.
+    // A certificate for the same device id with another device key (even signed by a
+    // CA): ids derive from keys, so it does not decode.
     let rogue = wallet();
-    let forged_cert = Signed::sign(
-        DeviceCertificate { device_public_key: rogue.public_key().sec1().expect("a P-256 device key"), ..good.certificate.body.clone() },
-        &SigningKey::generate().unwrap(),
-    )
-    .unwrap();
-    let p = Presented { certificate: forged_cert, ..good.clone() };
-    assert_eq!(verdicts(&verify_batch(&c, &[p]).await), [V::BadSignature]);
+    let body = DeviceCertificate { device_public_key: rogue.public_key().sec1().expect("a P-256 device key"), ..good.certificate.body.clone() };
+    let signature = SigningKey::generate().unwrap().sign(&body.tbs()).unwrap();
+    let p = Presented { certificate: Signed { body, signature }, ..good.clone() };
+    assert_eq!(verdicts(&verify_batch(&c, &[p]).await), [V::Malformed]);
     srv.stop().await;
 }
 

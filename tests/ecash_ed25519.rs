@@ -65,7 +65,7 @@ async fn ed25519_issuer_and_root_keys_sign_in_the_token_and_verify_offline() {
     let srv = start("ed25519").await;
     let ecash = srv.clients("ecash").await;
 
-    let mut wallet = Wallet::new([7; 16]).expect("wallet");
+    let mut wallet = Wallet::new().expect("wallet");
     let req = wallet.certification_request(b"ed-account", now()).expect("request");
     let cert = ecash
         .voucher

@@ -134,7 +134,7 @@ impl AuthLayer {
             ));
         }
         if let Some(limit) = role.rate_limit(&rpc) {
-            if !self.rates.admit(&identity, &rpc, limit) {
+            if !self.rates.admit(&identity, crate::config::rate_bucket(&rpc), limit) {
                 return Err((
                     Status::resource_exhausted(format!(
                         "rate limit of role {} for {rpc} reached ({} per minute per client)",

@@ -1,6 +1,7 @@
 //! VoucherService: the e-cash signatures. Device certificates (`device.ca`), vouchers
 //! (`voucher.issuer`) and the trust bundle (`ecash.root`) are signed inside the token
-//! (ECDSA P-256 over SHA-256, low-S); uploaded offline payments are verified in
+//! (ECDSA P-256 over SHA-256, low-S, or pure Ed25519 for keys the profile makes
+//! Ed25519); uploaded offline payments are verified in
 //! software with the public keys the token exports, by the same rules a terminal
 //! applies offline ([`crate::ecash::check_payment`]).
 
@@ -15,6 +16,7 @@ use crate::ecash::{
     check_payment_memo, CertificationRequest, DeviceCertificate, EcashError, KeyRole, KeySource, OfflineLimits, Presented,
     PublicKey, Signable, SignatureMemo, Signed, TrustBundle, TrustedKey, Verdict, Voucher,
 };
+use crate::ecash::format::MAX_BUNDLE_KEYS;
 use crate::hsm::{Catalogue, KeyClass, KeyEntry, KeyState};
 use crate::proto::voucher_service_server::VoucherService;
 use crate::proto::{
@@ -28,6 +30,9 @@ pub const ISSUER_KEY: &str = "voucher.issuer";
 pub const ROOT_KEY: &str = "ecash.root";
 /// Oldest (and furthest in the future) a certification request's timestamp may be.
 pub const PROOF_MAX_AGE: u64 = 300;
+/// Largest presentation VerifyPayments decodes (certificate, voucher, two payments
+/// take about 1.1 KiB); a larger item is MALFORMED.
+const MAX_PRESENTED: usize = 4096;
 
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -41,17 +46,14 @@ fn malformed(field: &'static str, e: EcashError) -> Error {
     Error::invalid(field, e.to_string())
 }
 
-/// Unix seconds of a key's RFC 3339 creation time ("YYYY-MM-DDTHH:MM:SSZ"); 0 if unreadable.
-fn created_at(rfc3339: &str) -> u64 {
+/// Unix seconds of a key's RFC 3339 creation time ("YYYY-MM-DDTHH:MM:SSZ").
+fn created_at(rfc3339: &str) -> Option<u64> {
     let n = |r: std::ops::Range<usize>| rfc3339.get(r).and_then(|s| s.parse::<u32>().ok());
-    let parsed = (|| {
-        let month = time::Month::try_from(u8::try_from(n(5..7)?).ok()?).ok()?;
-        let date = time::Date::from_calendar_date(i32::try_from(n(0..4)?).ok()?, month, u8::try_from(n(8..10)?).ok()?).ok()?;
-        let t = time::Time::from_hms(u8::try_from(n(11..13)?).ok()?, u8::try_from(n(14..16)?).ok()?, u8::try_from(n(17..19)?).ok()?)
-            .ok()?;
-        u64::try_from(time::PrimitiveDateTime::new(date, t).assume_utc().unix_timestamp()).ok()
-    })();
-    parsed.unwrap_or(0)
+    let byte = |r: std::ops::Range<usize>| n(r).and_then(|v| u8::try_from(v).ok());
+    let month = time::Month::try_from(byte(5..7)?).ok()?;
+    let date = time::Date::from_calendar_date(i32::try_from(n(0..4)?).ok()?, month, byte(8..10)?).ok()?;
+    let t = time::Time::from_hms(byte(11..13)?, byte(14..16)?, byte(17..19)?).ok()?;
+    u64::try_from(time::PrimitiveDateTime::new(date, t).assume_utc().unix_timestamp()).ok()
 }
 
 fn wire_verdict(v: Verdict) -> PaymentVerdict {
@@ -101,7 +103,9 @@ impl TrustSet {
                 let Some(der) = e.public_der.as_deref() else { continue };
                 let pk = PublicKey::from_spki_der(der)
                     .map_err(|err| Error::Internal(format!("{}: public key: {err}", e.key_ref())))?;
-                let not_before = created_at(&e.meta.created);
+                // Trusted from its creation: an unreadable time must not mean "since 1970".
+                let not_before = created_at(&e.meta.created)
+                    .ok_or_else(|| Error::Internal(format!("{}: unreadable creation time", e.key_ref())))?;
                 bundle_keys.push(TrustedKey {
                     role,
                     algorithm: pk.algorithm(),
@@ -189,22 +193,6 @@ impl VoucherSvc {
     }
 
     async fn certify_inner(&self, caller: &Caller, note: &mut Note, r: CertifyDeviceRequest) -> Result<CertifyDeviceResponse, Error> {
-        let req = Signed::<CertificationRequest>::decode(&r.certification_request)
-            .map_err(|e| malformed("certification_request", e))?;
-        let device_key = PublicKey::from_sec1(&req.body.device_public_key)
-            .map_err(|e| malformed("certification_request", e))?;
-        req.verify(&device_key).map_err(|_| {
-            Error::VerificationFailed(
-                "certification_request: the device key's signature does not verify (no proof of possession)".into(),
-            )
-        })?;
-        let t = now();
-        if req.body.timestamp.saturating_add(PROOF_MAX_AGE) < t || req.body.timestamp > t.saturating_add(PROOF_MAX_AGE) {
-            return Err(Error::invalid(
-                "certification_request",
-                format!("timestamp must be within {PROOF_MAX_AGE} seconds of the appliance's clock"),
-            ));
-        }
         let l = r.limits.ok_or_else(|| Error::invalid("limits", "required"))?;
         if l.max_balance == 0 {
             return Err(Error::invalid("limits.max_balance", "must be at least 1"));
@@ -215,6 +203,22 @@ impl VoucherSvc {
         if l.max_consecutive_offline == 0 {
             return Err(Error::invalid("limits.max_consecutive_offline", "must be at least 1"));
         }
+        let req = Signed::<CertificationRequest>::decode(&r.certification_request)
+            .map_err(|e| malformed("certification_request", e))?;
+        let t = now();
+        if req.body.timestamp.saturating_add(PROOF_MAX_AGE) < t || req.body.timestamp > t.saturating_add(PROOF_MAX_AGE) {
+            return Err(Error::invalid(
+                "certification_request",
+                format!("timestamp must be within {PROOF_MAX_AGE} seconds of the appliance's clock"),
+            ));
+        }
+        let device_key = PublicKey::from_sec1(&req.body.device_public_key)
+            .map_err(|e| malformed("certification_request", e))?;
+        req.verify(&device_key).map_err(|_| {
+            Error::VerificationFailed(
+                "certification_request: the device key's signature does not verify (no proof of possession)".into(),
+            )
+        })?;
         let cfg = &self.state.config.ecash;
         let validity = Self::validity(
             "validity_seconds",
@@ -254,7 +258,7 @@ impl VoucherSvc {
         })?;
         cert.verify(ca)
             .map_err(|_| Error::VerificationFailed("certificate: the signature does not verify".into()))?;
-        if t < cert.body.not_before || t >= cert.body.not_after {
+        if t < cert.body.not_before || t > cert.body.not_after {
             return Err(Error::FailedPrecondition("certificate: not valid now".into()));
         }
         let currency: [u8; 3] = r
@@ -303,6 +307,12 @@ impl VoucherSvc {
         if trust.bundle_keys.is_empty() {
             return Err(Error::FailedPrecondition(format!("no usable {CA_KEY} or {ISSUER_KEY} key")));
         }
+        if trust.bundle_keys.len() > MAX_BUNDLE_KEYS {
+            return Err(Error::FailedPrecondition(format!(
+                "{} usable {CA_KEY} and {ISSUER_KEY} versions exceed the bundle's {MAX_BUNDLE_KEYS}: retire old versions",
+                trust.bundle_keys.len()
+            )));
+        }
         let key = self.signing_key(caller, ROOT_KEY)?;
         note.keys.push(key.key_ref());
         note.detail = Some(format!("bundle_version={}", trust.bundle_version));
@@ -340,24 +350,24 @@ impl VoucherSvc {
         let trust = self.trust()?;
         let t = now();
         // Signature checks are CPU work: split the batch over blocking threads.
-        let items = Arc::new(r.payments);
-        let parts = if items.len() >= 16 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4) } else { 1 };
-        let chunk = items.len().div_ceil(parts);
+        let total = r.payments.len();
+        let parts = if total >= 16 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4) } else { 1 };
+        let mut items = r.payments.into_iter();
         let mut tasks = Vec::with_capacity(parts);
-        for p in 0..parts {
-            let (items, trust, memo) = (Arc::clone(&items), Arc::clone(&trust), Arc::clone(&self.verified));
+        for _ in 0..parts {
+            let chunk: Vec<Vec<u8>> = items.by_ref().take(total.div_ceil(parts)).collect();
+            let (trust, memo) = (Arc::clone(&trust), Arc::clone(&self.verified));
             tasks.push(tokio::task::spawn_blocking(move || {
-                let end = ((p + 1) * chunk).min(items.len());
-                items[p * chunk..end]
+                chunk
                     .iter()
-                    .map(|b| match Presented::decode(b) {
-                        Ok(pr) => wire_verdict(check_payment_memo(trust.as_ref(), &pr, t, memo.as_ref())),
-                        Err(_) => PaymentVerdict::Malformed,
+                    .map(|b| match (b.len() <= MAX_PRESENTED).then(|| Presented::decode(b)) {
+                        Some(Ok(pr)) => wire_verdict(check_payment_memo(trust.as_ref(), &pr, t, memo.as_ref())),
+                        _ => PaymentVerdict::Malformed,
                     })
                     .collect::<Vec<_>>()
             }));
         }
-        let mut verdicts = Vec::with_capacity(items.len());
+        let mut verdicts = Vec::with_capacity(total);
         for task in tasks {
             let part = task.await.map_err(|e| Error::Internal(format!("verification task: {e}")))?;
             verdicts.extend(part.into_iter().map(i32::from));
@@ -405,8 +415,9 @@ mod tests {
 
     #[test]
     fn creation_time() {
-        assert_eq!(created_at("1970-01-01T00:00:00Z"), 0);
-        assert_eq!(created_at("2026-11-23T10:20:30Z"), 1_795_429_230);
-        assert_eq!(created_at("garbage"), 0);
+        assert_eq!(created_at("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(created_at("2026-11-23T10:20:30Z"), Some(1_795_429_230));
+        assert_eq!(created_at("garbage"), None);
+        assert_eq!(created_at("2026-02-30T10:20:30Z"), None);
     }
 }

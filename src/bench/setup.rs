@@ -37,9 +37,7 @@ pub fn bench_binding() -> Binding {
 
 /// A new simulated wallet, certified, with a voucher request ready for it.
 async fn certified_wallet(client: &mut VoucherServiceClient<Channel>) -> Result<(Wallet, IssueVoucherRequest), BenchError> {
-    let mut id = [0u8; 16];
-    openssl::rand::rand_bytes(&mut id).map_err(|e| failed("device id", e))?;
-    let mut wallet = Wallet::new(id).map_err(|e| failed("wallet", e))?;
+    let mut wallet = Wallet::new().map_err(|e| failed("wallet", e))?;
     let request = wallet.certification_request(b"bench-account", now()).map_err(|e| failed("wallet", e))?;
     let cert = client
         .certify_device(CertifyDeviceRequest {

@@ -44,9 +44,7 @@ pub(super) async fn ecash_flows(addr: &str, p: &Prepared) -> Result<(), DemoErro
     step(9, "e-cash: device certificate, voucher, offline payments at a terminal, batch verification");
     let ecash = Clients::new(client::connect(addr, &ClientTls::dev(&p.pki, "ecash")).await?);
 
-    let mut device_id = [0u8; 16];
-    openssl::rand::rand_bytes(&mut device_id).map_err(|e| err("device id", e))?;
-    let mut wallet = Wallet::new(device_id).map_err(|e| err("wallet", e))?;
+    let mut wallet = Wallet::new().map_err(|e| err("wallet", e))?;
     let request = wallet.certification_request(b"hub-account-0042", now()).map_err(|e| err("wallet", e))?;
     let cert = ecash
         .voucher
@@ -63,7 +61,7 @@ pub(super) async fn ecash_flows(addr: &str, p: &Prepared) -> Result<(), DemoErro
     let k = cert.key.unwrap_or_default();
     println!(
         "CertifyDevice: device {} certified by {}/v{} (proof of possession checked), {} bytes, limits: balance 1000.00, single 300.00, 5 offline",
-        hex::encode(&device_id[..4]),
+        hex::encode(&wallet.device_id()[..4]),
         k.name,
         k.version,
         cert.certificate.len()

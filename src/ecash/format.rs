@@ -30,7 +30,6 @@ pub const MAX_ACCOUNT_REF: usize = 64;
 pub const MAX_MERCHANT_ID: usize = 32;
 pub const MAX_TERMINAL_ID: usize = 16;
 pub const MAX_BUNDLE_KEYS: usize = 64;
-/// Encoded size of one [`TrustedKey`]: role, version, public key, not_before, not_after.
 /// Encoded length of a trusted key, by algorithm: role, algorithm, version, key,
 /// not_before, not_after.
 pub fn trusted_key_len(alg: KeyAlgorithm) -> usize {
@@ -145,6 +144,27 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// Domain tag of a device id's derivation.
+pub const TAG_DEVICE_ID: &str = "keyward/v1/ecash/device-id";
+
+/// The device id of a device key: the first 16 bytes of SHA-256 over the
+/// domain-separated SEC1 point. Ids are derived, never chosen, so no device can be
+/// certified under another device's id and spend its vouchers.
+pub fn device_id_of(device_public_key: &[u8; SEC1_LEN]) -> [u8; 16] {
+    let digest = openssl::sha::sha256(&crate::crypto::encoding::domain_separated(TAG_DEVICE_ID, &[device_public_key]));
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest[..16]);
+    id
+}
+
+fn check_device_id(kind: &'static str, id: &[u8; 16], pk: &[u8; SEC1_LEN]) -> Result<(), EcashError> {
+    if *id == device_id_of(pk) {
+        Ok(())
+    } else {
+        Err(bad(kind, "device_id", "not the id derived from the device key"))
+    }
+}
+
 fn check_point(kind: &'static str, field: &'static str, pk: &[u8; SEC1_LEN]) -> Result<(), EcashError> {
     PublicKey::from_sec1(pk)
         .map(|_| ())
@@ -214,6 +234,7 @@ impl Signable for CertificationRequest {
 
     fn validate(&self) -> Result<(), EcashError> {
         check_point(Self::KIND, "device_public_key", &self.device_public_key)?;
+        check_device_id(Self::KIND, &self.device_id, &self.device_public_key)?;
         check_account_ref(Self::KIND, &self.account_ref)
     }
 
@@ -278,6 +299,7 @@ impl Signable for DeviceCertificate {
     fn validate(&self) -> Result<(), EcashError> {
         let k = Self::KIND;
         check_point(k, "device_public_key", &self.device_public_key)?;
+        check_device_id(k, &self.device_id, &self.device_public_key)?;
         check_account_ref(k, &self.account_ref)?;
         if self.limits.max_single_payment > self.limits.max_balance {
             return Err(bad(k, "max_single_payment", "must not exceed max_balance"));
@@ -917,6 +939,32 @@ mod tests {
         every_tbs_byte_matters(&req, &k.wallet.public_key());
         let (_, p) = k.pay(100);
         every_tbs_byte_matters(&p.payment, &k.wallet.public_key());
+    }
+
+    #[test]
+    fn device_ids_are_derived_from_device_keys() {
+        let k = Kit::new();
+        let pk = k.certificate.body.device_public_key;
+        let mut input = b"keyward/v1/ecash/device-id\0\0\0\0\x41".to_vec();
+        input.extend_from_slice(&pk);
+        assert_eq!(device_id_of(&pk)[..], openssl::sha::sha256(&input)[..16]);
+        assert_eq!(k.wallet.device_id(), device_id_of(&pk));
+        // A request or certificate naming another id for the key does not decode.
+        let req = k.wallet.certification_request(b"acct", T0).unwrap();
+        let mut body = req.body.clone();
+        body.device_id[0] ^= 1;
+        let forged = Signed::sign_unchecked(body, &k.ca).unwrap();
+        assert!(matches!(
+            Signed::<CertificationRequest>::decode(&forged.encode()),
+            Err(EcashError::Malformed { field: "device_id", .. })
+        ));
+        let mut cert = k.certificate.body.clone();
+        cert.device_id = [0xD1; 16];
+        let forged = Signed::sign_unchecked(cert, &k.ca).unwrap();
+        assert!(matches!(
+            Signed::<DeviceCertificate>::decode(&forged.encode()),
+            Err(EcashError::Malformed { field: "device_id", .. })
+        ));
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //!
 //! - [`format`]: the signed objects, their to-be-signed and wire encodings
 //!   ([`Signed`]), and the [`Presented`] container a wallet hands a terminal.
-//! - [`sig`]: P-256 public keys, strict low-S ECDSA verification, a software signer.
+//! - [`sig`]: P-256 and Ed25519 public keys, strict low-S ECDSA and Ed25519
+//!   verification, a software P-256 signer.
 //! - [`bundle`]: trust-bundle verification ([`VerifiedBundle`]).
 //! - [`verify`]: the [`Verdict`]s and [`check_payment`], the one place the payment
 //!   rules live (shared by terminals and the ledger).
@@ -42,7 +43,7 @@ pub enum EcashError {
         field: &'static str,
         msg: &'static str,
     },
-    /// Not a P-256 public key in the expected encoding, or not a point on the curve.
+    /// Not a public key of the expected algorithm and encoding (P-256: not a point on the curve).
     #[error("invalid public key: {0}")]
     InvalidKey(&'static str),
     /// The signature does not verify (or is not a canonical low-S P-256 signature).

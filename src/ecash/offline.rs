@@ -6,8 +6,8 @@ use std::fmt;
 
 use super::bundle::VerifiedBundle;
 use super::format::{
-    check_printable, CertificationRequest, DeviceCertificate, Payment, Presented, Signable, Signed, TrustBundle,
-    Voucher, MAX_MERCHANT_ID, MAX_TERMINAL_ID,
+    check_printable, device_id_of, CertificationRequest, DeviceCertificate, Payment, Presented, Signable, Signed,
+    TrustBundle, Voucher, MAX_MERCHANT_ID, MAX_TERMINAL_ID,
 };
 use super::sig::{PublicKey, SigningKey};
 use super::verify::{check_payment, Verdict};
@@ -178,11 +178,13 @@ pub struct Wallet {
 }
 
 impl Wallet {
-    /// A new wallet with a fresh device key, counter 0, no certificate or voucher.
-    pub fn new(device_id: [u8; 16]) -> Result<Wallet, WalletError> {
+    /// A new wallet with a fresh device key (its device id derived from it, see
+    /// [`device_id_of`]), counter 0, no certificate or voucher.
+    pub fn new() -> Result<Wallet, WalletError> {
+        let key = SigningKey::generate()?;
         Ok(Wallet {
-            device_id,
-            key: SigningKey::generate()?,
+            device_id: device_id_of(&key.sec1()),
+            key,
             certificate: None,
             voucher: None,
             balance: 0,
@@ -727,7 +729,7 @@ mod tests {
 
     #[test]
     fn wallet_needs_certificate_and_voucher() {
-        let mut w = Wallet::new(DEVICE_ID).unwrap();
+        let mut w = Wallet::new().unwrap();
         let ch = Challenge {
             bytes: [1; 16],
             terminal_time: T0,
@@ -753,23 +755,23 @@ mod tests {
     fn wallet_checks_what_it_installs() {
         let mut k = Kit::new();
         // Certificate of another wallet (other key, other id).
-        let other = Wallet::new([0x99; 16]).unwrap();
+        let other = Wallet::new().unwrap();
         let req = other.certification_request(b"x", T0).unwrap();
         let foreign = issue_certificate(&k.ca, &req);
         assert_eq!(
             k.wallet.install_certificate(foreign.clone()).unwrap_err(),
             WalletError::Refused("certificate for another device")
         );
+        // This wallet's id with another key: not even a valid certificate (ids are
+        // derived from keys).
         let same_id = DeviceCertificate {
-            device_id: DEVICE_ID,
+            device_id: k.wallet.device_id(),
             ..foreign.body
         };
-        assert_eq!(
-            k.wallet
-                .install_certificate(Signed::sign(same_id, &k.ca).unwrap())
-                .unwrap_err(),
-            WalletError::Refused("certificate for another key")
-        );
+        assert!(matches!(
+            k.wallet.install_certificate(Signed::sign_unchecked(same_id, &k.ca).unwrap()),
+            Err(WalletError::Ecash(EcashError::Malformed { field: "device_id", .. }))
+        ));
         // Voucher for another device, at another counter, above max_balance.
         let v = k.voucher.body.clone();
         let bad = [

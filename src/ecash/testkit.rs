@@ -17,7 +17,6 @@ pub const KEY_NOT_BEFORE: u64 = T0 - 10 * DAY;
 pub const CERT_NOT_BEFORE: u64 = T0 - DAY;
 pub const CERT_NOT_AFTER: u64 = T0 + 365 * DAY;
 pub const BUNDLE_V: u64 = 5;
-pub const DEVICE_ID: [u8; 16] = [0xD1; 16];
 pub const VOUCHER_BALANCE: u64 = 10_000;
 pub const VOUCHER_COUNTER: u64 = 0;
 pub const MAX_BALANCE: u64 = 50_000;
@@ -98,14 +97,14 @@ impl Kit {
         let bundle_signed = Signed::sign(body, &root).unwrap();
         let roots = vec![(1, root.public_key())];
         let bundle = TrustBundle::verify(&bundle_signed.encode(), &roots, 0).unwrap();
-        let mut wallet = Wallet::new(DEVICE_ID).unwrap();
+        let mut wallet = Wallet::new().unwrap();
         let req = wallet.certification_request(b"acct-ref-1", T0 - DAY).unwrap();
         let certificate = issue_certificate(&ca, &req);
         wallet.install_certificate(certificate.clone()).unwrap();
         let voucher = Signed::sign(
             Voucher {
                 voucher_id: [0x56; 16],
-                device_id: DEVICE_ID,
+                device_id: wallet.device_id(),
                 currency: *b"CNY",
                 balance,
                 counter_at_issue: VOUCHER_COUNTER,
@@ -160,7 +159,7 @@ impl Kit {
 pub fn sample_payment(k: &Kit) -> Payment {
     Payment {
         voucher_id: k.voucher.body.voucher_id,
-        device_id: DEVICE_ID,
+        device_id: k.wallet.device_id(),
         counter: 1,
         prev_hash: [0x42; 32],
         amount: 100,
