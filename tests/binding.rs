@@ -1033,3 +1033,31 @@ async fn masked_role_gets_no_blind_index_from_seal_binding() {
     }
     srv.stop().await;
 }
+
+/// A batch larger than one token job (100 records) is re-sealed in several jobs and
+/// still all or nothing: a bad record in the second job names its own position and
+/// no record comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrap_of_more_than_one_token_job() {
+    let _k = changing_keys();
+    let srv = start("rewrap-jobs").await;
+    let (hub, admin) = (srv.clients("hub").await, srv.clients("admin").await);
+    let mut sealed = Vec::new();
+    for i in 0..150u32 {
+        sealed.push(seal_ok(&hub, person_at(&format!("+86139100{i:05}")), "seal").await);
+    }
+    let v_new = rotate_binding(&admin).await;
+    let mut batch: Vec<SealedBinding> = sealed.iter().map(record).collect();
+    let good = batch.clone();
+    batch[120].blind_index = flip(&batch[120].blind_index, 0, 0);
+    let st = rewrap(&hub, batch).await.expect_err("a bad record fails the batch");
+    assert_eq!(st.code(), Code::InvalidArgument, "{:?}", st.message());
+    assert!(st.message().contains("item 120"), "{:?}", st.message());
+    let r = rewrap(&hub, good.clone()).await.expect("RewrapBindings").into_inner();
+    assert_eq!((r.sealed.len(), r.already_current), (150, 0));
+    for (i, (s, rec)) in r.sealed.iter().zip(&good).enumerate().step_by(37) {
+        assert_eq!(header_version(s), v_new, "item {i}");
+        open_full(&hub, s, &rec.blind_index, &format!("item {i}")).await;
+    }
+    srv.stop().await;
+}

@@ -23,6 +23,8 @@ use crate::proto::{
 /// Key names of the service.
 pub const SEAL_KEY: &str = "binding";
 pub const INDEX_KEY: &str = "binding.index";
+/// Records re-sealed per token job.
+const RESEAL_JOB: usize = 100;
 /// The RPC a masked-view role may not combine with BlindIndex.
 const OPEN_RPC: &str = "keyward.v1.BindingService/OpenBinding";
 
@@ -229,16 +231,21 @@ impl BindingSvc {
             out.push(None);
         }
         let already_current = (out.len() - todo.len()) as u32;
-        let resealed = if todo.is_empty() {
-            Vec::new()
-        } else {
-            self.state.hsm.reseal_bindings(todo, &active).await?.map_err(|j| {
+        // Token jobs of at most RESEAL_JOB records, so a large batch does not hold one
+        // token worker; all or nothing: the answer carries no record unless all opened.
+        let mut resealed = Vec::with_capacity(todo.len());
+        let mut todo = todo.into_iter().peekable();
+        while todo.peek().is_some() {
+            let job: Vec<Resealable> = todo.by_ref().take(RESEAL_JOB).collect();
+            let done = resealed.len();
+            let part = self.state.hsm.reseal_bindings(job, &active).await?.map_err(|j| {
                 Error::VerificationFailed(format!(
                     "records: item {} does not open with its blind index; nothing was re-sealed",
-                    positions.get(j).copied().unwrap_or(j)
+                    positions.get(done + j).copied().unwrap_or(done + j)
                 ))
-            })?
-        };
+            })?;
+            resealed.extend(part);
+        }
         for (pos, (iv, ct)) in positions.into_iter().zip(resealed) {
             out[pos] = Some(frame_sealed(version, &iv, &ct));
         }

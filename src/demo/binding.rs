@@ -42,7 +42,7 @@ pub(super) async fn binding_flows(addr: &str, p: &Prepared) -> Result<(), DemoEr
         sealed.sealed.len(),
         k.name,
         k.version,
-        hex::encode(&sealed.blind_index[..6])
+        hex::encode(sealed.blind_index.get(..6).unwrap_or_default())
     );
     let found = lookup.binding.clone().blind_index(BlindIndexRequest { phone: "138 1234 5678".into() }).await?.into_inner();
     if found.blind_index != sealed.blind_index {
