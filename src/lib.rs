@@ -17,6 +17,12 @@ pub mod pki;
 pub mod sim;
 
 use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Unix seconds now (0 if the clock is before 1970).
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
 use std::process::ExitCode;
 
 /// Generated gRPC types and services (`proto/keyward/v1`).

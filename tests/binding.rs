@@ -158,23 +158,6 @@ fn edit_role(config: &mut Config, name: &str, f: impl FnOnce(&mut Role)) {
     config.roles.insert(name.to_string(), Arc::new(role));
 }
 
-/// Every file of a directory (recursively), as text.
-fn all_files_text(dir: &Path) -> String {
-    let mut out = String::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read the audit directory").flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push_str(&String::from_utf8_lossy(&std::fs::read(&p).expect("read an audit file")));
-                out.push('\n');
-            }
-        }
-    }
-    out
-}
 
 /// The rpc lines of one RPC.
 fn lines_of(dir: &Path, rpc: &str) -> Vec<serde_json::Value> {

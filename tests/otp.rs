@@ -224,23 +224,6 @@ async fn import_seed(srv: &TestServer, subject: &str, seed: &[u8], params: (OtpH
     blob
 }
 
-/// Every file of a directory (recursively), as text.
-fn all_files_text(dir: &std::path::Path) -> String {
-    let mut out = String::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read the audit directory").flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push_str(&String::from_utf8_lossy(&std::fs::read(&p).expect("read an audit file")));
-                out.push('\n');
-            }
-        }
-    }
-    out
-}
 
 // ---------------------------------------------------------------------------
 // Tests

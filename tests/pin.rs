@@ -1210,23 +1210,6 @@ async fn pin_and_data_keys_stay_in_their_classes() {
     srv.stop().await;
 }
 
-/// Every file of a directory tree, as text.
-fn all_text(dir: &std::path::Path) -> String {
-    let mut out = String::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read the audit directory").flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push_str(&String::from_utf8_lossy(&std::fs::read(&p).expect("read an audit file")));
-                out.push('\n');
-            }
-        }
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_trail_holds_no_pin_block_or_account_number() {
@@ -1316,7 +1299,7 @@ async fn audit_trail_holds_no_pin_block_or_account_number() {
     for b in &blocks {
         secrets.push(hex::encode_upper(b));
     }
-    let text = all_text(&dir);
+    let text = all_files_text(&dir);
     assert!(!text.is_empty());
     for s in &secrets {
         for form in [s.to_uppercase(), s.to_lowercase()] {

@@ -8,14 +8,14 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{AppState, Caller, Error, Note};
+use super::{key_ref, AppState, Caller, Error, Note};
 use crate::crypto::binding::{
     frame_sealed, normalise_phone, parse_blind_index, parse_sealed, seal_aad, BindingRecord, FieldError, RawRecord,
 };
 use crate::hsm::{self, Algorithm, KeyClass, KeyEntry, Resealable};
 use crate::proto::binding_service_server::BindingService;
 use crate::proto::{
-    open_binding_response, Binding, BlindIndexRequest, BlindIndexResponse, Identity, KeyRef,
+    open_binding_response, Binding, BlindIndexRequest, BlindIndexResponse, Identity,
     MaskedBinding, OpenBindingRequest, OpenBindingResponse, RewrapBindingsRequest, RewrapBindingsResponse,
     SealBindingRequest, SealBindingResponse,
 };
@@ -34,9 +34,6 @@ impl From<FieldError> for Error {
     }
 }
 
-fn key_ref(e: &KeyEntry) -> KeyRef {
-    KeyRef { name: e.meta.name.clone(), version: e.meta.version }
-}
 
 fn today() -> time::Date {
     time::OffsetDateTime::now_utc().date()

@@ -74,6 +74,11 @@ impl Caller {
     }
 }
 
+/// The key version an operation used, as responses name it.
+pub(crate) fn key_ref(e: &crate::hsm::KeyEntry) -> crate::proto::KeyRef {
+    crate::proto::KeyRef { name: e.meta.name.clone(), version: e.meta.version }
+}
+
 /// What a handler reports for the audit line besides its result.
 #[derive(Default, Debug)]
 pub struct Note {

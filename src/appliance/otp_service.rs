@@ -7,13 +7,13 @@
 //! enrolment URI).
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::otp_store::{Admission, AttemptStore};
-use super::{AppState, Caller, Error, Note};
+use crate::unix_now as now;
+use super::{key_ref, AppState, Caller, Error, Note};
 use crate::crypto::mac::ct_eq;
 use crate::crypto::otp::{self, Challenge, OtpError, OtpHash, SeedBlob, TxContext};
 use crate::hsm::{self, KeyClass, KeyEntry, SeedCache, SeedHash};
@@ -35,9 +35,6 @@ const MAX_LIFETIME: u32 = 600;
 /// Unwrapped seeds kept in the token.
 pub const SEED_CACHE: usize = 4096;
 
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
 
 impl From<OtpError> for Error {
     fn from(e: OtpError) -> Self {
@@ -47,9 +44,6 @@ impl From<OtpError> for Error {
     }
 }
 
-fn key_ref(e: &KeyEntry) -> KeyRef {
-    KeyRef { name: e.meta.name.clone(), version: e.meta.version }
-}
 
 fn context(c: Option<TransactionContext>) -> Result<TxContext, Error> {
     let c = c.ok_or_else(|| Error::invalid("context", "required: amount, currency, payee and reference"))?;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{AppState, Caller, Error, Note};
+use super::{key_ref, AppState, Caller, Error, Note};
 use crate::crypto::dukpt::{AesKsn, TdesKsn};
 use crate::crypto::pin::{Account, PinError, PinFormat};
 use crate::hsm::{self, Algorithm, DukptCache, KeyClass, KeyEntry, PinInput, PinSourceKey, PvMethod, VARIANT_SUFFIX};
@@ -32,9 +32,6 @@ fn bad_block() -> Error {
     Error::invalid("pin.block", hsm::Error::BadPinBlock.to_string())
 }
 
-fn key_ref(e: &KeyEntry) -> KeyRef {
-    KeyRef { name: e.meta.name.clone(), version: e.meta.version }
-}
 
 fn format_of(field: &'static str, v: i32) -> Result<PinFormat, Error> {
     match PinBlockFormat::try_from(v) {

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
@@ -107,7 +107,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         audit_keys,
         AuditOptions { checkpoint_every: config.audit.checkpoint_every, writer_name: "appliance".into(), ..AuditOptions::default() },
     )?;
-    let boot_epoch = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let boot_epoch = crate::unix_now();
     let state = Arc::new(AppState { config: Arc::clone(&config), hsm, audit: Arc::new(audit), boot_epoch });
 
     let tls = ServerTlsConfig::new()

@@ -7,11 +7,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tonic::{Request, Response, Status};
 
-use super::{AppState, Caller, Error, Note};
+use crate::unix_now as now;
+use super::{key_ref, AppState, Caller, Error, Note};
 use crate::ecash::{
     check_payment_memo, CertificationRequest, DeviceCertificate, EcashError, KeyRole, KeySource, OfflineLimits, Presented,
     PublicKey, Signable, SignatureMemo, Signed, TrustBundle, TrustedKey, Verdict, Voucher,
@@ -20,7 +20,7 @@ use crate::ecash::format::MAX_BUNDLE_KEYS;
 use crate::hsm::{Catalogue, KeyClass, KeyEntry, KeyState};
 use crate::proto::voucher_service_server::VoucherService;
 use crate::proto::{
-    CertifyDeviceRequest, CertifyDeviceResponse, IssueVoucherRequest, IssueVoucherResponse, KeyRef, PaymentVerdict,
+    CertifyDeviceRequest, CertifyDeviceResponse, IssueVoucherRequest, IssueVoucherResponse, PaymentVerdict,
     TrustBundleRequest, TrustBundleResponse, VerifyPaymentsRequest, VerifyPaymentsResponse,
 };
 
@@ -34,13 +34,7 @@ pub const PROOF_MAX_AGE: u64 = 300;
 /// take about 1.1 KiB); a larger item is MALFORMED.
 const MAX_PRESENTED: usize = 4096;
 
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
 
-fn key_ref(e: &KeyEntry) -> KeyRef {
-    KeyRef { name: e.meta.name.clone(), version: e.meta.version }
-}
 
 fn malformed(field: &'static str, e: EcashError) -> Error {
     Error::invalid(field, e.to_string())

@@ -712,7 +712,7 @@ impl Target {
                 }
             }
             Target::TotpVerify { client, seed, blob } => {
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                let now = crate::unix_now();
                 let code = totp_now(seed, now)?;
                 let req = VerifyTotpRequest {
                     seed_blob: blob.clone(),

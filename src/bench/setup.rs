@@ -2,7 +2,7 @@
 //! wallets and their offline payments, sealed bindings, records under an older key.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use crate::unix_now as now;
 
 use tonic::transport::Channel;
 
@@ -26,9 +26,6 @@ fn failed(what: &str, e: impl std::fmt::Display) -> BenchError {
     BenchError::Failed(format!("{what}: {e}"))
 }
 
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
 
 /// The benchmark's binding record (the demo's).
 pub fn bench_binding() -> Binding {

@@ -3,7 +3,7 @@
 //! nothing but the trust bundle, a fourth refused by the wallet, then the three
 //! uploaded and verified in one VerifyPayments call.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use crate::unix_now as now;
 
 use super::{step, DemoError, Prepared};
 use crate::client::{self, ClientTls, Clients};
@@ -12,9 +12,6 @@ use crate::proto::{
     CertifyDeviceRequest, IssueVoucherRequest, OfflineLimits, PaymentVerdict, TrustBundleRequest, VerifyPaymentsRequest,
 };
 
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
 
 fn yuan(minor: u64) -> String {
     format!("{}.{:02}", minor / 100, minor % 100)

@@ -24,7 +24,6 @@ use crate::proto::{
     VerifyPinRequest, ZoneKey, CodeVerdict, EnrollTotpRequest, IssueCodeRequest, TransactionContext, VerifyCodeRequest,
     VerifyTotpRequest,
 };
-use std::time::{SystemTime, UNIX_EPOCH};
 use crate::sim::terminal::Terminal;
 use zeroize::Zeroizing;
 
@@ -467,7 +466,7 @@ async fn otp_flows(addr: &str, p: &Prepared, zek: &[u8]) -> Result<(), DemoError
         "EnrollTotp (activation): provisioning URI shown once to the authenticator app; seed blob of {} bytes stored with the account",
         enrolled.seed_blob.len()
     );
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = crate::unix_now();
     let app_code = authenticator_code(&enrolled.provisioning_uri, now)?;
     let v = hub
         .otp

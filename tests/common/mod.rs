@@ -199,6 +199,24 @@ pub fn run_cli(mut cmd: Command, stdin: &[u8]) -> Output {
     child.wait_with_output().expect("wait for the keyward binary")
 }
 
+/// Every file of a directory tree, as text (to search the trail for clear text).
+pub fn all_files_text(dir: &Path) -> String {
+    let mut out = String::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read the audit directory").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push_str(&String::from_utf8_lossy(&std::fs::read(&p).expect("read an audit file")));
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
 /// The daily audit files of a directory, in name order.
 pub fn audit_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
