@@ -81,6 +81,13 @@ struct RawServer {
     tls_cert: String,
     tls_key: String,
     client_ca: Option<String>,
+    /// PEM CRL(s) of the client CA: revoked client certificates are refused at the
+    /// handshake and, after a reload, on connections already open.
+    #[serde(default)]
+    client_crl: Option<String>,
+    /// Refuse TLS 1.2: only TLS 1.3 handshakes.
+    #[serde(default)]
+    tls13_only: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +99,12 @@ struct RawLimits {
     deadline_ms: u64,
     #[serde(default = "default_concurrency")]
     concurrency: usize,
+    #[serde(default = "default_handshake_timeout")]
+    handshake_timeout_ms: u64,
+    #[serde(default = "default_max_pending")]
+    max_pending_handshakes: usize,
+    #[serde(default = "default_max_pending_per_source")]
+    max_pending_handshakes_per_source: usize,
 }
 
 fn default_max_message() -> usize {
@@ -103,6 +116,15 @@ fn default_deadline() -> u64 {
 fn default_concurrency() -> usize {
     512
 }
+fn default_handshake_timeout() -> u64 {
+    5_000
+}
+fn default_max_pending() -> usize {
+    256
+}
+fn default_max_pending_per_source() -> usize {
+    32
+}
 
 impl Default for RawLimits {
     fn default() -> Self {
@@ -110,6 +132,9 @@ impl Default for RawLimits {
             max_message_bytes: default_max_message(),
             deadline_ms: default_deadline(),
             concurrency: default_concurrency(),
+            handshake_timeout_ms: default_handshake_timeout(),
+            max_pending_handshakes: default_max_pending(),
+            max_pending_handshakes_per_source: default_max_pending_per_source(),
         }
     }
 }
@@ -286,6 +311,10 @@ pub struct ServerConfig {
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     pub client_ca: PathBuf,
+    /// PEM file of CRLs issued by the client CA; reloaded with the clients.
+    pub client_crl: Option<PathBuf>,
+    /// Only TLS 1.3 is offered.
+    pub tls13_only: bool,
 }
 
 /// Request limits.
@@ -294,6 +323,12 @@ pub struct Limits {
     pub max_message_bytes: usize,
     pub deadline: Duration,
     pub concurrency: usize,
+    /// A connection that has not finished its TLS handshake by then is closed.
+    pub handshake_timeout: Duration,
+    /// Connections in their TLS handshake at once; at the cap the oldest is closed.
+    pub max_pending_handshakes: usize,
+    /// The same from one source address.
+    pub max_pending_handshakes_per_source: usize,
 }
 
 /// Audit trail settings.
@@ -365,6 +400,8 @@ pub struct Config {
     /// Client identity (first SAN URI, else subject CN) -> role name.
     pub clients: BTreeMap<String, String>,
     pub roles: BTreeMap<String, Arc<Role>>,
+    /// The file this config was read from (SIGHUP and ReloadKeys read it again).
+    pub source: Option<PathBuf>,
 }
 
 /// Expands `${VAR}` and `${VAR:-default}`.
@@ -457,7 +494,9 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigErrors(vec![format!("{}: cannot read: {e}", path.display())]))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Config::parse(&text, &base)
+        let mut config = Config::parse(&text, &base)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses and validates config text; relative paths resolve against `base`.
@@ -508,6 +547,7 @@ impl Config {
                 None
             }
         };
+        let client_crl = raw.server.client_crl.as_ref().map(|f| c.file("server.client_crl", f));
 
         if !(1..=10).contains(&raw.otp.max_attempts) {
             c.errors.push("otp.max_attempts: must be 1-10".into());
@@ -542,6 +582,15 @@ impl Config {
         }
         if l.concurrency == 0 || l.concurrency > 100_000 {
             c.errors.push("limits.concurrency: must be 1-100000".into());
+        }
+        if l.handshake_timeout_ms < 100 || l.handshake_timeout_ms > 60_000 {
+            c.errors.push("limits.handshake_timeout_ms: must be 100-60000".into());
+        }
+        if l.max_pending_handshakes == 0 || l.max_pending_handshakes > 65_536 {
+            c.errors.push("limits.max_pending_handshakes: must be 1-65536".into());
+        }
+        if l.max_pending_handshakes_per_source == 0 || l.max_pending_handshakes_per_source > l.max_pending_handshakes {
+            c.errors.push("limits.max_pending_handshakes_per_source: must be 1 to limits.max_pending_handshakes".into());
         }
 
         let audit_dir = c.dir("audit.dir", &raw.audit.dir);
@@ -627,15 +676,23 @@ impl Config {
         if !c.errors.is_empty() {
             return Err(ConfigErrors(c.errors));
         }
+        let client_crl = match client_crl {
+            None => None,
+            Some(Some(p)) => Some(p),
+            Some(None) => return Err(ConfigErrors(vec!["configuration incomplete".into()])),
+        };
         match (module, token_label, pin, listen, tls_cert, tls_key, client_ca, audit_dir) {
             (Some(module), Some(token_label), Some(user_pin), Some(listen), Some(tls_cert), Some(tls_key), Some(client_ca), Some(dir)) => {
                 Ok(Config {
                     hsm: HsmConfig { module, token_label, user_pin, sessions: raw.hsm.sessions },
-                    server: ServerConfig { listen, tls_cert, tls_key, client_ca },
+                    server: ServerConfig { listen, tls_cert, tls_key, client_ca, client_crl, tls13_only: raw.server.tls13_only },
                     limits: Limits {
                         max_message_bytes: l.max_message_bytes,
                         deadline: Duration::from_millis(l.deadline_ms),
                         concurrency: l.concurrency,
+                        handshake_timeout: Duration::from_millis(l.handshake_timeout_ms),
+                        max_pending_handshakes: l.max_pending_handshakes,
+                        max_pending_handshakes_per_source: l.max_pending_handshakes_per_source,
                     },
                     audit: AuditConfig { dir, checkpoint_every: raw.audit.checkpoint_every },
                     otp: OtpConfig { max_attempts: raw.otp.max_attempts, max_open_challenges: raw.otp.max_open_challenges },
@@ -649,6 +706,7 @@ impl Config {
                     binding: BindingConfig { max_batch: raw.binding.max_batch },
                     clients: raw.clients,
                     roles,
+                    source: None,
                 })
             }
             _ => Err(ConfigErrors(vec!["configuration incomplete".into()])),
@@ -694,6 +752,10 @@ permissions = ["binding.open-full"]
 [ecash]
 max_batch = 0
 voucher_days = 400
+[limits]
+handshake_timeout_ms = 10
+max_pending_handshakes = 8
+max_pending_handshakes_per_source = 9
 "#;
         let err = Config::parse(text, Path::new("/tmp")).err().map(|e| e.0).unwrap_or_default();
         let joined = err.join("\n");
@@ -712,6 +774,8 @@ voucher_days = 400
             "roles.desk: may call OpenBinding with the masked view only, so it may not call BlindIndex",
             "ecash.max_batch",
             "ecash.voucher_days",
+            "limits.handshake_timeout_ms: must be 100-60000",
+            "limits.max_pending_handshakes_per_source: must be 1 to limits.max_pending_handshakes",
         ] {
             assert!(joined.contains(needle), "missing {needle} in:\n{joined}");
         }

@@ -211,6 +211,51 @@ pub fn write_foreign_client(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf)
     issue_client_with(&foreign, &ca, name, not_before, not_after)
 }
 
+/// File name of the CRL [`write_dev_crl`] writes.
+pub const CRL_FILE: &str = "ca.crl";
+
+/// Writes `dir/ca.crl`: a CRL signed by the CA in `dir`, valid for 30 days, revoking the
+/// certificates at `revoked` (PEM files issued by that CA); answers its path. The
+/// appliance's `server.client_crl` takes it; an empty list revokes nothing.
+pub fn write_dev_crl(dir: &Path, revoked: &[PathBuf]) -> Result<PathBuf, PkiError> {
+    let ca = load_ca(dir)?;
+    let now = OffsetDateTime::now_utc();
+    let mut revoked_certs = Vec::with_capacity(revoked.len());
+    for path in revoked {
+        let cert = X509::from_pem(read_file(path)?.as_bytes())?;
+        if cert.issuer_name().to_der()? != ca.cert.subject_name().to_der()? {
+            return Err(ca.error(&format!("{} was not issued by this CA", path.display())));
+        }
+        let serial = cert.serial_number().to_bn()?.to_vec();
+        revoked_certs.push(rcgen::RevokedCertParams {
+            serial_number: rcgen::SerialNumber::from_slice(&serial),
+            revocation_time: now - Duration::minutes(1),
+            reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+            invalidity_date: None,
+        });
+    }
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: now - Duration::minutes(1),
+        next_update: now + Duration::days(30),
+        crl_number: rcgen::SerialNumber::from(now.unix_timestamp() as u64),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: if ca.has_key_id { ca_key_id_method(&ca)? } else { KeyIdMethod::Sha256 },
+    };
+    let crl = params.signed_by(&ca.issuer)?;
+    let path = dir.join(CRL_FILE);
+    write_file(&path, crl.pem()?.as_bytes(), 0o644)?;
+    Ok(path)
+}
+
+/// The key identifier of the CA certificate, as CRLs name their issuer's key.
+fn ca_key_id_method(ca: &Ca) -> Result<KeyIdMethod, PkiError> {
+    match ca.cert.subject_key_id() {
+        Some(id) => Ok(KeyIdMethod::PreSpecified(id.as_slice().to_vec())),
+        None => Err(ca.error("the CA certificate has no subject key identifier")),
+    }
+}
+
 /// Checks a client name against `[a-z0-9][a-z0-9._-]{0,62}`.
 pub fn validate_client_name(name: &str) -> Result<(), PkiError> {
     let bytes = name.as_bytes();

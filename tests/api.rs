@@ -257,3 +257,195 @@ async fn reflection_lists_the_services() {
     assert_eq!(denied.code(), Code::PermissionDenied);
     srv.stop().await;
 }
+
+/// Opens `n` TCP connections to `addr` that never start TLS, spread over `sources`
+/// loopback addresses (127.0.0.2, 127.0.0.3, ...).
+async fn idle_sockets(addr: &str, n: usize, sources: u8) -> Vec<tokio::net::TcpStream> {
+    let target: std::net::SocketAddr = addr.parse().expect("server address");
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let src = std::net::SocketAddr::from(([127, 0, 0, 2 + (i % sources as usize) as u8], 0));
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind(src).expect("bind a loopback source address");
+        out.push(sock.connect(target).await.expect("TCP connect"));
+    }
+    out
+}
+
+/// A valid client's ping, on a new connection, within `deadline`.
+async fn ping_within(addr: &str, deadline: std::time::Duration) -> Result<(), String> {
+    let fx = fixture();
+    let tls = ClientTls::dev(&fx.prepared.pki, "admin");
+    let call = async {
+        let ch = client::endpoint(addr, &tls).map_err(|e| e.to_string())?.connect().await.map_err(|e| e.to_string())?;
+        Clients::new(ch).admin.ping(PingRequest { payload: b"up".to_vec() }).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(())
+    };
+    tokio::time::timeout(deadline, call).await.map_err(|_| format!("no answer within {deadline:?}"))?
+}
+
+/// Whether the server closed a socket (EOF or reset) rather than keeping it open.
+async fn closed_by_server(sock: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut b = [0u8; 16];
+    matches!(tokio::time::timeout(std::time::Duration::from_millis(50), sock.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_without_tls_do_not_starve_a_valid_client() {
+    use keyward::appliance::front::Refusal;
+    // The test process holds 2,000 sockets of its own.
+    keyward::appliance::front::raise_fd_limit().expect("raise the test's open-files limit");
+    let srv = start_with("idle", |c| c.limits.handshake_timeout = std::time::Duration::from_secs(2)).await;
+    let front = std::sync::Arc::clone(&srv.state.front);
+    let limits = srv.state.config.limits.clone();
+
+    // 1,000 idle sockets from one address: the per-source cap holds.
+    let mut one = idle_sockets(&srv.addr, 1000, 1).await;
+    assert!(eventually(10, || async { front.counters.accepted.load(std::sync::atomic::Ordering::Relaxed) >= 1000 }).await);
+    ping_within(&srv.addr, std::time::Duration::from_secs(2)).await.expect("a valid client behind 1,000 idle sockets");
+    assert!(front.pending() <= limits.max_pending_handshakes_per_source, "pending {}", front.pending());
+    assert!(front.counters.refused(Refusal::EvictedPerSource) >= (1000 - limits.max_pending_handshakes_per_source) as u64);
+
+    // 1,000 more from 40 addresses (25 each, under the per-source cap): the global cap holds.
+    let mut many = idle_sockets(&srv.addr, 1000, 40).await;
+    assert!(eventually(10, || async { front.counters.accepted.load(std::sync::atomic::Ordering::Relaxed) >= 2001 }).await);
+    ping_within(&srv.addr, std::time::Duration::from_secs(2)).await.expect("a valid client behind 2,000 idle sockets");
+    assert!(front.pending() <= limits.max_pending_handshakes, "pending {}", front.pending());
+    assert!(front.counters.refused(Refusal::EvictedAtCap) >= (1000 - limits.max_pending_handshakes) as u64);
+
+    // The handshake timeout closes whatever was left, and says so.
+    assert!(eventually(10, || async { front.pending() == 0 }).await, "{} handshakes still pending", front.pending());
+    assert!(front.counters.refused(Refusal::HandshakeTimeout) > 0);
+    let mut open = 0;
+    for s in one.iter_mut().chain(many.iter_mut()) {
+        if !closed_by_server(s).await {
+            open += 1;
+        }
+    }
+    assert_eq!(open, 0, "idle sockets the server kept open");
+    ping_within(&srv.addr, std::time::Duration::from_secs(2)).await.expect("still serving");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_at_the_tls_layer_are_counted_by_reason() {
+    use keyward::appliance::front::Refusal;
+    use tokio::io::AsyncWriteExt;
+    let fx = fixture();
+    let pki = &fx.prepared.pki;
+    let srv = start("tls-refusals").await;
+    let c = &srv.state.front.counters;
+
+    let mut plain = tokio::net::TcpStream::connect(&srv.addr).await.expect("connect");
+    plain.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    let none = ClientTls { ca: pki.join("ca.crt"), cert: None, key: None, server_name: "localhost".into() };
+    assert_refused(&srv.addr, &none, "no client certificate").await;
+    let (fcert, fkey) = keyward::pki::write_foreign_client(pki, "mallory").expect("foreign client");
+    let foreign = ClientTls { ca: pki.join("ca.crt"), cert: Some(fcert), key: Some(fkey), server_name: "localhost".into() };
+    assert_refused(&srv.addr, &foreign, "foreign CA").await;
+
+    for reason in [Refusal::Protocol, Refusal::NoCertificate, Refusal::BadCertificate] {
+        assert!(eventually(5, || async { c.refused(reason) >= 1 }).await, "{} not counted", reason.name());
+    }
+    assert_eq!(c.refused(Refusal::Revoked), 0);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls13_only_refuses_a_tls12_client() {
+    let fx = fixture();
+    let srv = start_with("tls13", |c| c.server.tls13_only = true).await;
+    ping_within(&srv.addr, std::time::Duration::from_secs(5)).await.expect("a TLS 1.3 client");
+    // openssl s_client speaks TLS 1.2 only when told to; the server must refuse it.
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-tls1_2", "-connect", &srv.addr, "-CAfile"])
+        .arg(fx.prepared.pki.join("ca.crt"))
+        .arg("-cert")
+        .arg(fx.prepared.pki.join("clients/admin.crt"))
+        .arg("-key")
+        .arg(fx.prepared.pki.join("clients/admin.key"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run openssl s_client");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "TLS 1.2 handshake succeeded:\n{text}");
+    assert!(
+        srv.state.front.counters.refused(keyward::appliance::front::Refusal::Protocol) >= 1,
+        "the refused TLS 1.2 handshake is counted"
+    );
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_request_is_invalid_argument_and_audited() {
+    use keyward::proto::EncryptResponse;
+    /// Field 1 of EncryptRequest (key_name, a string) sent as a varint: not decodable.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Bogus {
+        #[prost(uint64, tag = "1")]
+        key_name: u64,
+    }
+    let srv = start("undecodable").await;
+    let ch = srv.channel("hub").await;
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.expect("ready");
+    let path = http::uri::PathAndQuery::from_static("/keyward.v1.DataService/Encrypt");
+    let r = grpc
+        .unary(tonic::Request::new(Bogus { key_name: 7 }), path, tonic_prost::ProstCodec::<Bogus, EncryptResponse>::default())
+        .await;
+    let s = expect_code(r, Code::InvalidArgument, &["not a valid Encrypt request"], "undecodable Encrypt");
+    assert!(!s.message().contains("Protobuf"), "{s:?}");
+    let dir = srv.audit_dir.clone();
+    srv.stop().await;
+    let lines = rpc_lines(&dir);
+    let line = lines.iter().find(|l| l["action"] == "keyward.v1.DataService/Encrypt").expect("the call's audit line");
+    assert_eq!(line["code"], "INVALID_ARGUMENT", "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_puts_a_crl_in_force_on_open_connections_and_refuses_a_bad_config() {
+    use keyward::appliance::front::Refusal;
+    let fx = fixture();
+    let pki = &fx.prepared.pki;
+    let now = OffsetDateTime::now_utc();
+    let (cert, key) =
+        keyward::pki::issue_client(pki, "revokee", now - TimeDuration::days(1), now + TimeDuration::days(30)).expect("issue");
+    // Start with a CRL that revokes nothing.
+    let crl = keyward::pki::write_dev_crl(pki, &[]).expect("empty CRL");
+    let crl_line = format!("client_crl = {:?}", crl.display().to_string());
+    let client_line = "\"spiffe://keyward/client/revokee\" = \"hub\"";
+    let edit = |t: String| in_section(&in_section(&t, "server", &crl_line), "clients", client_line);
+    let path = config_file("crl", edit);
+    let srv = start_from_file("crl", &path).await;
+    let tls = ClientTls { ca: pki.join("ca.crt"), cert: Some(cert.clone()), key: Some(key), server_name: "localhost".into() };
+    let revokee = Clients::new(client::connect(&srv.addr, &tls).await.expect("connect as revokee"));
+    revokee.admin.clone().ping(PingRequest::default()).await.expect("revokee before revocation");
+    let admin = srv.clients("admin").await;
+
+    // A config that does not validate is refused; the policy in force stays.
+    std::fs::write(&path, "[server\nbroken").expect("write a broken config");
+    let s = expect_code(admin.admin.clone().reload_keys(ReloadKeysRequest {}).await, Code::FailedPrecondition, &["not reloaded"], "bad config");
+    assert!(!s.message().contains("broken"), "the message quotes the file: {s:?}");
+    revokee.admin.clone().ping(PingRequest::default()).await.expect("revokee after a refused reload");
+
+    // Revoke, reload: the open connection is refused at its next call, a new one at the handshake.
+    keyward::pki::write_dev_crl(pki, &[cert]).expect("CRL revoking revokee");
+    config_file("crl", edit);
+    let r = admin.admin.clone().reload_keys(ReloadKeysRequest {}).await.expect("reload").into_inner();
+    assert_eq!(r.revoked_certificates, 1, "{r:?}");
+    assert!(r.keys_loaded > 0 && r.clients_loaded > 1 && r.roles_loaded > 1, "{r:?}");
+    expect_code(revokee.admin.clone().ping(PingRequest::default()).await, Code::Unauthenticated, &["revoked"], "revoked, open connection");
+    assert_refused(&srv.addr, &tls, "revoked certificate, new connection").await;
+    assert!(eventually(5, || async { srv.state.front.counters.refused(Refusal::Revoked) >= 1 }).await, "revocation not counted");
+    admin.admin.clone().ping(PingRequest::default()).await.expect("other clients unaffected");
+
+    // A CRL not signed by the client CA is refused at reload.
+    let foreign_dir = pki.join(keyward::pki::FOREIGN_DIR);
+    keyward::pki::write_foreign_client(pki, "mallory").expect("foreign CA");
+    let foreign_crl = keyward::pki::write_dev_crl(&foreign_dir, &[]).expect("foreign CRL");
+    config_file("crl", |t| in_section(&t, "server", &format!("client_crl = {:?}", foreign_crl.display().to_string())));
+    expect_code(admin.admin.clone().reload_keys(ReloadKeysRequest {}).await, Code::FailedPrecondition, &["not signed by the client CA"], "foreign CRL");
+    expect_code(revokee.admin.clone().ping(PingRequest::default()).await, Code::Unauthenticated, &["revoked"], "still revoked");
+    srv.stop().await;
+}

@@ -1,5 +1,6 @@
-//! Catalogue reload on SIGHUP (its own test binary: the signal goes to the whole
-//! process). A key the ceremony adds while the appliance runs is served after SIGHUP.
+//! Reload on SIGHUP (its own test binary: the signal goes to the whole process). A key
+//! the ceremony adds while the appliance runs is served after SIGHUP, and a client
+//! removed from the config file is refused, on the connection it already has too.
 
 // TOKEN_WRITE (a std Mutex) is held across awaits on purpose: it serialises token
 // writes between tests, each on its own runtime, so no runtime can deadlock on it.
@@ -9,13 +10,16 @@ mod common;
 
 use common::*;
 use keyward::hsm::{Algorithm, KeyClass};
-use keyward::proto::{DecryptRequest, EncryptRequest, GetKeyRequest};
+use keyward::proto::{DecryptRequest, EncryptRequest, GetKeyRequest, PingRequest};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_catalogue() {
-    let srv = start("sighup").await;
+    let path = config_file("sighup", |t| t);
+    let srv = start_from_file("sighup", &path).await;
     let admin = srv.clients("admin").await;
+    let hub = srv.clients("hub").await;
+    hub.admin.clone().ping(PingRequest::default()).await.expect("hub before the reload");
     let name = "data.hup";
 
     let missing = err_of(admin.keys.clone().get_key(GetKeyRequest { name: name.into(), version: 0 }).await, "before");
@@ -32,6 +36,14 @@ async fn sighup_reloads_the_catalogue() {
     let still = err_of(admin.keys.clone().get_key(GetKeyRequest { name: name.into(), version: 0 }).await, "before SIGHUP");
     assert_eq!(still.code(), Code::NotFound);
 
+    // The hub is taken out of the config file.
+    let hub_line = "\"spiffe://keyward/client/hub\" = \"hub\"\n";
+    config_file("sighup", |t| {
+        assert!(t.contains(hub_line));
+        t.replace(hub_line, "")
+    });
+    hub.admin.clone().ping(PingRequest::default()).await.expect("hub until the reload");
+
     let status = std::process::Command::new("kill")
         .args(["-HUP", &std::process::id().to_string()])
         .status()
@@ -44,6 +56,7 @@ async fn sighup_reloads_the_catalogue() {
     })
     .await;
     assert!(seen, "data.hup not served after SIGHUP");
+    expect_code(hub.admin.clone().ping(PingRequest::default()).await, Code::PermissionDenied, &["not authorised"], "removed client");
 
     let aad = b"sighup".to_vec();
     let enc = admin

@@ -1,4 +1,5 @@
-//! AdminService: catalogue reload and the authenticated, audited ping.
+//! AdminService: reload (access policy, CRL and key catalogue) and the authenticated,
+//! audited ping.
 
 use std::sync::Arc;
 
@@ -19,13 +20,15 @@ pub struct AdminSvc {
 impl AdminService for AdminSvc {
     async fn reload_keys(&self, req: Request<ReloadKeysRequest>) -> Result<Response<ReloadKeysResponse>, Status> {
         let caller = Caller::of(&req)?;
-        let hsm = self.state.hsm.clone();
+        let state = Arc::clone(&self.state);
         let reload = async move {
-            match tokio::task::spawn_blocking(move || hsm.reload()).await {
-                Ok(Ok(n)) => Ok(ReloadKeysResponse { keys_loaded: n as u32 }),
-                Ok(Err(e)) => Err(Error::from(e)),
-                Err(e) => Err(Error::Internal(e.to_string())),
-            }
+            let r = state.reload().await?;
+            Ok::<_, Error>(ReloadKeysResponse {
+                keys_loaded: r.keys as u32,
+                clients_loaded: r.clients as u32,
+                roles_loaded: r.roles as u32,
+                revoked_certificates: r.revoked as u32,
+            })
         };
         let r = self.state.within_deadline(&caller, reload).await;
         self.state.finish(&caller, Note::default(), r).await

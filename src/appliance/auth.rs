@@ -54,10 +54,19 @@ pub fn identity_of(der: &[u8]) -> Option<String> {
 
 const HEALTH_PREFIX: &str = "grpc.health.v1.Health/";
 
+/// A client certificate seen on a connection, parsed once.
+struct Peer {
+    identity: String,
+    cert: X509,
+}
+
+/// Parsed client certificates by SHA-256 of their DER (None: no usable identity).
+type PeerCache = Mutex<HashMap<[u8; 32], Option<Arc<Peer>>>>;
+
 #[derive(Clone)]
 pub struct AuthLayer {
     state: Arc<AppState>,
-    cache: Arc<Mutex<HashMap<[u8; 32], Option<String>>>>,
+    cache: Arc<PeerCache>,
     counter: Arc<AtomicU64>,
     rates: Arc<RateLimiter>,
 }
@@ -82,22 +91,25 @@ pub struct AuthService<S> {
 }
 
 impl AuthLayer {
-    fn identity(&self, req: &Request<Body>) -> Option<String> {
+    /// The connection's client certificate and identity (cached by certificate digest).
+    fn peer(&self, req: &Request<Body>) -> Option<Arc<Peer>> {
         let info = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?;
         let certs = info.peer_certs()?;
         let der = certs.first()?;
         let digest = openssl::sha::sha256(der.as_ref());
-        if let Some(id) = self.cache.lock().ok().and_then(|c| c.get(&digest).cloned()) {
-            return id;
+        if let Some(peer) = self.cache.lock().ok().and_then(|c| c.get(&digest).cloned()) {
+            return peer;
         }
-        let id = identity_of(der.as_ref());
+        let peer = X509::from_der(der.as_ref())
+            .ok()
+            .and_then(|cert| identity_of(der.as_ref()).map(|identity| Arc::new(Peer { identity, cert })));
         if let Ok(mut c) = self.cache.lock() {
             if c.len() > 4096 {
                 c.clear();
             }
-            c.insert(digest, id.clone());
+            c.insert(digest, peer.clone());
         }
-        id
+        peer
     }
 
     fn request_id(&self, req: &Request<Body>) -> String {
@@ -113,13 +125,20 @@ impl AuthLayer {
     fn authorise(&self, req: &Request<Body>, started: Instant) -> Result<Caller, (Status, Option<String>, String)> {
         let rpc = req.uri().path().trim_start_matches('/').to_string();
         let request_id = self.request_id(req);
-        let Some(identity) = self.identity(req) else {
+        let Some(peer) = self.peer(req) else {
             return Err((Status::unauthenticated("client certificate required"), None, request_id));
         };
+        let identity = peer.identity.clone();
+        // The policy in force now: a client removed or a certificate revoked by a reload
+        // is refused on connections opened before it too.
+        let access = self.state.access();
+        if access.revokes(&peer.cert) {
+            return Err((Status::unauthenticated("client certificate revoked"), Some(identity), request_id));
+        }
         if !self.state.audit.healthy() && !rpc.starts_with(HEALTH_PREFIX) {
             return Err((Status::unavailable("audit trail unavailable"), Some(identity), request_id));
         }
-        let Some(role) = self.state.config.role_of(&identity) else {
+        let Some(role) = access.role_of(&identity) else {
             return Err((
                 Status::permission_denied("client is not authorised for any role"),
                 Some(identity),
@@ -200,15 +219,24 @@ where
                         if audited.load(Ordering::Acquire) {
                             return Ok(resp);
                         }
-                        // The handler never ran (e.g. the transport refused to decode the
-                        // request): audit the status the client gets.
-                        let code = resp
+                        // The handler never ran: audit the status the client gets.
+                        let mut code = resp
                             .headers()
                             .get("grpc-status")
                             .and_then(|v| v.to_str().ok())
                             .and_then(|v| v.parse::<i32>().ok())
                             .map(Code::from_i32)
                             .unwrap_or(Code::Unknown);
+                        // tonic's codec answers INTERNAL for a body that is not a valid
+                        // message of the method, before any handler runs; nothing else
+                        // ends a keyward call there with INTERNAL. It is the client's fault.
+                        let mut resp = resp;
+                        if code == Code::Internal {
+                            code = Code::InvalidArgument;
+                            let method = fallback.rpc.rsplit('/').next().unwrap_or("");
+                            resp = Status::invalid_argument(format!("request: not a valid {method} request message"))
+                                .into_http();
+                        }
                         let ev = AuditEvent::rpc(
                             &fallback.identity,
                             &fallback.role.name,

@@ -2,6 +2,7 @@
 //! per service. Request path: mTLS -> identity -> authorise -> validate -> handler
 //! -> hsm -> audit -> response.
 
+pub mod access;
 pub mod admin_service;
 pub mod audit;
 pub mod audit_keys;
@@ -9,6 +10,7 @@ pub mod auth;
 pub mod binding_service;
 pub mod data_service;
 pub mod error;
+pub mod front;
 pub mod key_service;
 pub mod mac_service;
 pub mod otp_service;
@@ -19,7 +21,7 @@ pub mod server;
 pub mod voucher_service;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use tonic::{Code, Response, Status};
@@ -31,7 +33,12 @@ pub use error::Error;
 
 /// Shared state of every service.
 pub struct AppState {
+    /// The config read at start; its clients and roles are only the first [`access::Access`].
     pub config: Arc<Config>,
+    /// Clients, roles and the CRL in force (replaced by a reload).
+    access: RwLock<Arc<access::Access>>,
+    /// The TLS front door: its counters and the handshake configuration.
+    pub front: Arc<front::Front>,
     pub hsm: Hsm,
     pub audit: Arc<AuditTrail>,
     /// Unix seconds of this process's start.

@@ -7,8 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use super::admin_service::AdminSvc;
@@ -21,6 +20,8 @@ use super::otp_service::OtpSvc;
 use super::voucher_service::VoucherSvc;
 use super::pin_service::PinSvc;
 use super::key_service::KeySvc;
+use super::access::Access;
+use super::front::{self, Front, FrontLimits};
 use super::AppState;
 use crate::config::Config;
 use crate::hsm::{Hsm, HsmOptions};
@@ -84,14 +85,20 @@ impl Running {
     }
 }
 
-fn read(path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
-    std::fs::read(path).map_err(|e| ServeError::Tls(format!("{}: {e}", path.display())))
-}
-
 /// Starts the appliance on the configured address (port 0 picks a free one) and
 /// returns once it accepts connections.
 pub async fn start(config: Config) -> Result<Running, ServeError> {
+    // Every connection holds a descriptor: take what the hard limit allows.
+    if let Some((before, after)) = front::raise_fd_limit() {
+        if before != after {
+            tracing::info!(before, after, "open-files limit raised");
+        }
+    }
     let config = Arc::new(config);
+    // TLS and the access policy are checked before the token is opened.
+    let tls = front::tls_config(&config).map_err(ServeError::Tls)?;
+    let access = Access::of(&config).map_err(ServeError::Tls)?;
+    let front = Arc::new(Front::new(tls, FrontLimits::of(&config)));
     let hsm = {
         let c = Arc::clone(&config);
         tokio::task::spawn_blocking(move || open_hsm(&c))
@@ -108,12 +115,14 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         AuditOptions { checkpoint_every: config.audit.checkpoint_every, writer_name: "appliance".into(), ..AuditOptions::default() },
     )?;
     let boot_epoch = crate::unix_now();
-    let state = Arc::new(AppState { config: Arc::clone(&config), hsm, audit: Arc::new(audit), boot_epoch });
-
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(read(&config.server.tls_cert)?, read(&config.server.tls_key)?))
-        .client_ca_root(Certificate::from_pem(read(&config.server.client_ca)?))
-        .client_auth_optional(false);
+    let state = Arc::new(AppState {
+        config: Arc::clone(&config),
+        access: std::sync::RwLock::new(Arc::new(access)),
+        front: Arc::clone(&front),
+        hsm,
+        audit: Arc::new(audit),
+        boot_epoch,
+    });
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
@@ -133,13 +142,13 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let voucher = VoucherServiceServer::new(VoucherSvc::new(Arc::clone(&state))).max_decoding_message_size(max);
     let binding = BindingServiceServer::new(BindingSvc { state: Arc::clone(&state) }).max_decoding_message_size(max);
 
-    let incoming = TcpIncoming::bind(config.server.listen)
-        .map_err(|err| ServeError::Bind { addr: config.server.listen, err })?
-        .with_nodelay(Some(true));
-    let addr = incoming.local_addr().map_err(|err| ServeError::Bind { addr: config.server.listen, err })?;
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|err| ServeError::Bind { addr: config.server.listen, err })?;
+    let addr = listener.local_addr().map_err(|err| ServeError::Bind { addr: config.server.listen, err })?;
+    let incoming = Arc::clone(&front).serve(listener);
 
     let router = Server::builder()
-        .tls_config(tls)?
         // Backstop only: handlers enforce the deadline themselves so the call is audited.
         .timeout(config.limits.deadline + Duration::from_secs(1))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(config.limits.concurrency))
@@ -193,18 +202,22 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         }
     });
 
-    // SIGHUP reloads the catalogue.
-    let hup_hsm = state.hsm.clone();
+    // SIGHUP reloads the clients, roles, CRL and the key catalogue.
+    let hup_state = Arc::clone(&state);
     let hup = tokio::spawn(async move {
         let Ok(mut sig) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
             return;
         };
         while sig.recv().await.is_some() {
-            let h = hup_hsm.clone();
-            match tokio::task::spawn_blocking(move || h.reload()).await {
-                Ok(Ok(n)) => tracing::info!(keys = n, "SIGHUP: key catalogue reloaded"),
-                Ok(Err(e)) => tracing::error!(error = %e, "SIGHUP: reload failed"),
-                Err(e) => tracing::error!(error = %e, "SIGHUP: reload task failed"),
+            match hup_state.reload().await {
+                Ok(r) => tracing::info!(
+                    keys = r.keys,
+                    clients = r.clients,
+                    roles = r.roles,
+                    revoked = r.revoked,
+                    "SIGHUP: configuration and key catalogue reloaded"
+                ),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: reload refused; the previous configuration stays in force"),
             }
         }
     });

@@ -127,6 +127,36 @@ pub async fn start(tag: &str) -> TestServer {
 pub async fn start_with(tag: &str, edit: impl FnOnce(&mut Config)) -> TestServer {
     let (mut config, _) = test_config(tag);
     edit(&mut config);
+    start_config(config).await
+}
+
+/// Writes a copy of the binary's config file, its text changed by `edit`, beside it
+/// as `<tag>.toml`; answers the path.
+pub fn config_file(tag: &str, edit: impl FnOnce(String) -> String) -> PathBuf {
+    let fx = fixture();
+    let text = std::fs::read_to_string(&fx.prepared.config).expect("read the prepared config");
+    let path = fx.prepared.config.with_file_name(format!("{tag}.toml"));
+    std::fs::write(&path, edit(text)).expect("write a test config");
+    path
+}
+
+/// Inserts `lines` right after the `[section]` header of a config text.
+pub fn in_section(text: &str, section: &str, lines: &str) -> String {
+    let header = format!("[{section}]\n");
+    assert!(text.contains(&header), "the config has no [{section}]");
+    text.replacen(&header, &format!("{header}{lines}\n"), 1)
+}
+
+/// Starts an appliance from a config file (reloads read that file again), with a fresh
+/// audit directory.
+pub async fn start_from_file(tag: &str, path: &Path) -> TestServer {
+    let mut config = Config::load(path).expect("the test config loads");
+    config.audit.dir = fresh_dir(tag).join("audit");
+    start_config(config).await
+}
+
+/// Starts an appliance with this config.
+pub async fn start_config(config: Config) -> TestServer {
     let audit_dir = config.audit.dir.clone();
     let running = {
         let _g = token_write();
