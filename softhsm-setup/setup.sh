@@ -34,6 +34,7 @@ Environment:
 
 Output (stdout), one line each, ready for eval:
   export SOFTHSM2_CONF=STATE_DIR/softhsm2.conf
+  export KEYWARD_STATE=STATE_DIR                    (the example appliance.toml's state directory)
   export KEYWARD_PKCS11_MODULE=/path/to/libsofthsm2.so
   export KEYWARD_TOKEN_LABEL=LABEL
   export KEYWARD_USER_PIN_FILE=STATE_DIR/user.pin   (omitted when KEYWARD_USER_PIN is set)
@@ -226,6 +227,8 @@ fi
 
 # ---------------------------------------------------------------- 4. exports
 printf 'export SOFTHSM2_CONF=%q\n' "$CONF"
+# The example appliance.toml finds the PIN file, PKI and audit directory under it.
+printf 'export KEYWARD_STATE=%q\n' "$STATE_DIR"
 printf 'export KEYWARD_PKCS11_MODULE=%q\n' "$MODULE"
 printf 'export KEYWARD_TOKEN_LABEL=%q\n' "$LABEL"
 if [ -z "${KEYWARD_USER_PIN:-}" ]; then

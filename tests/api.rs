@@ -449,3 +449,23 @@ async fn reload_puts_a_crl_in_force_on_open_connections_and_refuses_a_bad_config
     expect_code(revokee.admin.clone().ping(PingRequest::default()).await, Code::Unauthenticated, &["revoked"], "still revoked");
     srv.stop().await;
 }
+
+/// `eval "$(softhsm-setup/setup.sh DIR)"` must be enough to serve the example config:
+/// every `${VAR}` it uses without a default is exported.
+#[test]
+fn setup_script_exports_every_variable_the_example_config_needs() {
+    let fx = fixture();
+    let full = std::fs::read_to_string("pkcs11-config/appliance.toml").expect("example config");
+    let text: String = full.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n");
+    let mut needed = Vec::new();
+    for (i, _) in text.match_indices("${") {
+        let expr = &text[i + 2..i + 2 + text[i + 2..].find('}').expect("closed ${")];
+        if !expr.contains(":-") && !needed.contains(&expr) {
+            needed.push(expr);
+        }
+    }
+    assert!(needed.contains(&"KEYWARD_STATE"), "{needed:?}");
+    for var in needed {
+        assert!(fx.prepared.exports.contains_key(var), "setup.sh does not export {var}: {:?}", fx.prepared.exports.keys());
+    }
+}

@@ -230,6 +230,32 @@ async fn imported_component_kcvs_match_published_vectors() {
     srv.stop().await;
 }
 
+/// A retail-MAC key (class M3) is stored as two single-DES halves; the CLI prints, and
+/// --expect-kcv checks, the KCV of the whole double-length key (what the sending bank
+/// quotes), never the left half's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_import_components_of_a_retail_mac_key_prints_the_double_length_kcv() {
+    let fx = fixture();
+    let cfg = fx.prepared.config.to_string_lossy().into_owned();
+    let [c1, c2] = components_of(TDES_KEY);
+    let dir = fresh_dir("m3-components");
+    let (f1, f2) = (dir.join("c1.hex"), dir.join("c2.hex"));
+    std::fs::write(&f1, hex::encode_upper(&*c1)).expect("write component 1");
+    std::fs::write(&f2, hex::encode_upper(&*c2)).expect("write component 2");
+    let out = {
+        let _g = token_write();
+        let mut cmd = keyward_cli();
+        cmd.args(["ceremony", "--config", &cfg, "import-components", "mac.kcv-m3", "--class", "M3", "--algorithm", "TDES-2KEY"])
+            .args(["--components", "2", "--component-files"])
+            .args([&f1, &f2])
+            .args(["--expect-kcv", TDES_KCV]);
+        run_cli(cmd, b"")
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "import failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(&format!("combined KCV {TDES_KCV}")), "stdout:\n{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_import_components_prints_the_published_kcv() {
     let fx = fixture();

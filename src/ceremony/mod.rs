@@ -471,7 +471,8 @@ impl Ceremony {
         })
     }
 
-    /// Combines clear components (XOR) in zeroizing memory and imports the key.
+    /// Combines clear components (XOR) in zeroizing memory and imports the key; the
+    /// answer's KCV is the whole key's (for a compound key too).
     pub fn import_components(
         &self,
         name: &str,
@@ -507,7 +508,11 @@ impl Ceremony {
                     )));
                 }
             }
-            self.create_version(name, class, alg, Some(combined))
+            // A compound key's primary part (a retail-MAC key's left half) has a KCV of
+            // its own; custodians and the sending bank quote the whole key's.
+            let mut m = self.create_version(name, class, alg, Some(combined))?;
+            m.kcv = kcv;
+            Ok(m)
         })
     }
 
