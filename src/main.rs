@@ -52,6 +52,14 @@ enum Cmd {
     Bench(keyward::bench::BenchArgs),
     /// From nothing to a running appliance and its flows, in a fresh state directory.
     Demo(keyward::demo::DemoArgs),
+    /// The bench's echo baseline server (started by `keyward bench --op echo-baseline`).
+    #[command(hide = true)]
+    BenchEcho {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -143,5 +151,26 @@ fn main() -> ExitCode {
         }
         Cmd::Bench(args) => keyward::bench::main(args),
         Cmd::Demo(args) => keyward::demo::main(args),
+        Cmd::BenchEcho { config, listen } => {
+            let config = match keyward::config::Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let r = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start runtime: {e}"))
+                .and_then(|rt| rt.block_on(keyward::bench::echo::serve(&config, listen, keyward::shutdown_signal())));
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("keyward bench-echo: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }

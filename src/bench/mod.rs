@@ -25,6 +25,7 @@ use crate::appliance::admin_service::MAX_PING_PAYLOAD;
 use crate::client::{self, ClientTls};
 use crate::config::Config;
 use crate::hsm::{Hsm, KeyClass, KeyEntry};
+pub mod echo;
 mod setup;
 
 use crate::proto::admin_service_client::AdminServiceClient;
@@ -102,6 +103,10 @@ per request, client-side, over OK responses. Exit status: 0 done with no failed 
 pub enum Op {
     /// AdminService.Ping with a --payload byte echo (mTLS, auth, audit; no token).
     Ping,
+    /// The same Ping against a bare tonic server on the same TLS front door and limits,
+    /// without authorisation, audit or token: what gRPC over mTLS costs (needs --spawn;
+    /// run after the appliance has stopped).
+    EchoBaseline,
     /// DataService.Encrypt of --payload bytes under --key.
     Encrypt,
     /// DataService.Decrypt of one ciphertext of --payload bytes (encrypted once first).
@@ -147,6 +152,7 @@ impl Op {
     fn name(self) -> &'static str {
         match self {
             Op::Ping => "ping",
+            Op::EchoBaseline => "echo-baseline",
             Op::Encrypt => "encrypt",
             Op::Decrypt => "decrypt",
             Op::TranslateZone => "translate-zone",
@@ -320,13 +326,16 @@ fn plan(args: &BenchArgs) -> Result<Plan, BenchError> {
     if args.payload > MAX_PAYLOAD {
         return Err(BenchError::Usage(format!("--payload {}: at most {MAX_PAYLOAD} bytes (1 MiB)", args.payload)));
     }
-    if ops.contains(&Op::Ping) && args.payload > MAX_PING_PAYLOAD {
+    if ops.contains(&Op::EchoBaseline) && !args.spawn {
+        return Err(BenchError::Usage("--op echo-baseline needs --spawn (the bench starts the echo server itself)".into()));
+    }
+    if (ops.contains(&Op::Ping) || ops.contains(&Op::EchoBaseline)) && args.payload > MAX_PING_PAYLOAD {
         return Err(BenchError::Usage(format!(
             "--payload {}: the appliance echoes at most {MAX_PING_PAYLOAD} bytes in a ping; run ping with a smaller payload",
             args.payload
         )));
     }
-    if ops.iter().any(|o| !matches!(o, Op::Ping)) {
+    if ops.iter().any(|o| !matches!(o, Op::Ping | Op::EchoBaseline)) {
         crate::hsm::validate_name(&args.key).map_err(|m| BenchError::Usage(format!("--key {:?}: {m}", args.key)))?;
     }
     let network = ops.iter().any(|o| !o.is_raw());
@@ -417,13 +426,17 @@ fn run(args: BenchArgs) -> Result<(), BenchError> {
                 });
                 let stopping = Instant::now();
                 let stopped = child.stop();
-                let results = r?;
+                let mut results = r?;
                 match stopped {
                     Ok(status) if status.success() => {
                         eprintln!("bench: appliance stopped {:.2} s after SIGTERM", stopping.elapsed().as_secs_f64())
                     }
                     Ok(status) => eprintln!("bench: note: the appliance exited with {status}"),
                     Err(e) => eprintln!("bench: note: {e}"),
+                }
+                // The echo baseline runs alone, after the appliance has gone.
+                if let Some(i) = plan.ops.iter().position(|o| *o == Op::EchoBaseline) {
+                    results.push((i, rt.block_on(run_echo(&plan, p, &tls))?));
                 }
                 results
             }
@@ -624,6 +637,44 @@ impl Drop for ChildGuard {
     }
 }
 
+/// Starts the echo baseline server as a child on a free port and drives Ping at it.
+async fn run_echo(plan: &Plan, p: &crate::demo::Prepared, tls: &ClientTls) -> Result<Row, BenchError> {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| BenchError::Failed(format!("finding a free loopback port: {e}")))?;
+    let addr = format!("127.0.0.1:{port}");
+    let exe = std::env::current_exe().map_err(|e| BenchError::Failed(format!("locating the keyward binary: {e}")))?;
+    let child = Command::new(&exe)
+        .arg("bench-echo")
+        .arg("--config")
+        .arg(&p.config)
+        .arg("--listen")
+        .arg(&addr)
+        .envs(&p.exports)
+        .env("KEYWARD_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| BenchError::Failed(format!("starting {} bench-echo: {e}", exe.display())))?;
+    eprintln!("bench: echo baseline server started (pid {})", child.id());
+    let mut child = ChildGuard { child: Some(child) };
+    wait_ready(&addr, tls, &mut child).await?;
+    let mut channels = Vec::with_capacity(plan.connections);
+    for _ in 0..plan.connections {
+        channels.push(client::connect(&addr, tls).await.map_err(|e| BenchError::Failed(format!("{addr}: {}", chain(&e))))?);
+    }
+    let req = PingRequest { payload: payload_bytes(plan.payload) };
+    let ch = |w: usize| channels[w % channels.len()].clone();
+    let row = drive(plan, Op::EchoBaseline, |w| Target::Ping { client: AdminServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
+        .await;
+    if let Err(e) = child.stop() {
+        eprintln!("bench: note: echo baseline server: {e}");
+    }
+    row
+}
+
 /// Retries a TLS connection until the child accepts one (or exits, or READY_TIMEOUT).
 async fn wait_ready(addr: &str, tls: &ClientTls, child: &mut ChildGuard) -> Result<(), BenchError> {
     let started = Instant::now();
@@ -634,7 +685,7 @@ async fn wait_ready(addr: &str, tls: &ClientTls, child: &mut ChildGuard) -> Resu
         }
         match tokio::time::timeout(Duration::from_secs(2), client::connect(addr, tls)).await {
             Ok(Ok(_channel)) => {
-                eprintln!("bench: appliance accepting mTLS on {addr} after {:.1} s", started.elapsed().as_secs_f64());
+                eprintln!("bench: server accepting mTLS on {addr} after {:.1} s", started.elapsed().as_secs_f64());
                 return Ok(());
             }
             Ok(Err(e)) => last = chain(&e),
@@ -1249,7 +1300,7 @@ async fn run_network(
                 drive(plan, op, |w| Target::Rewrap { client: BindingServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
                     .await?
             }
-            Op::RawEncrypt | Op::RawDecrypt => continue,
+            Op::RawEncrypt | Op::RawDecrypt | Op::EchoBaseline => continue,
         };
         rows.push((i, row));
     }
@@ -1403,6 +1454,7 @@ fn ratios(rows: &[Row]) -> Vec<String> {
         }
     }
     for (a, b) in [
+        (Op::Ping, Op::EchoBaseline),
         (Op::Encrypt, Op::Ping),
         (Op::Decrypt, Op::Ping),
         (Op::TranslateZone, Op::Ping),
@@ -1453,6 +1505,8 @@ mod tests {
         assert_eq!(plan(&a).unwrap().ops, vec![Op::RawEncrypt, Op::RawDecrypt]);
         let a = parse(&["--raw", "--config", "x.toml", "--op", "ping"]).unwrap();
         assert!(matches!(plan(&a), Err(BenchError::Usage(_))));
+        let a = parse(&["--spawn", "--op", "ping,echo-baseline"]).unwrap();
+        assert_eq!(plan(&a).unwrap().ops, vec![Op::Ping, Op::EchoBaseline]);
     }
 
     #[test]
@@ -1468,6 +1522,7 @@ mod tests {
             vec!["--op", "ping"],
             vec!["--addr", "127.0.0.1:1", "--op", "ping"],
             vec!["--op", "raw-encrypt"],
+            vec!["--addr", "127.0.0.1:1", "--pki", "pki", "--op", "echo-baseline"],
         ] {
             let a = parse(&bad).unwrap();
             assert!(matches!(plan(&a), Err(BenchError::Usage(_))), "{bad:?}");
