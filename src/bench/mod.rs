@@ -661,14 +661,10 @@ async fn run_echo(plan: &Plan, p: &crate::demo::Prepared, tls: &ClientTls) -> Re
     eprintln!("bench: echo baseline server started (pid {})", child.id());
     let mut child = ChildGuard { child: Some(child) };
     wait_ready(&addr, tls, &mut child).await?;
-    let mut channels = Vec::with_capacity(plan.connections);
-    for _ in 0..plan.connections {
-        channels.push(client::connect(&addr, tls).await.map_err(|e| BenchError::Failed(format!("{addr}: {}", chain(&e))))?);
-    }
-    let req = PingRequest { payload: payload_bytes(plan.payload) };
-    let ch = |w: usize| channels[w % channels.len()].clone();
-    let row = drive(plan, Op::EchoBaseline, |w| Target::Ping { client: AdminServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
-        .await;
+    let channels = connect_all(plan, &addr, tls).await?;
+    // The same targets as ping's, at another address.
+    let (targets, _) = targets_for(plan, Op::Ping, &channels, &addr, None).await?;
+    let row = drive(plan, Op::EchoBaseline, targets, Some(channels.len()), None).await;
     if let Err(e) = child.stop() {
         eprintln!("bench: note: echo baseline server: {e}");
     }
@@ -902,7 +898,7 @@ impl Row {
 async fn drive(
     plan: &Plan,
     op: Op,
-    mut make: impl FnMut(usize) -> Target,
+    targets: Vec<Target>,
     connections: Option<usize>,
     sessions: Option<usize>,
 ) -> Result<Row, BenchError> {
@@ -924,8 +920,8 @@ async fn drive(
     let until = measure_from + plan.duration;
     let first_error = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::with_capacity(plan.concurrency);
-    for i in 0..plan.concurrency {
-        tasks.push(tokio::spawn(worker(make(i), measure_from, until, Arc::clone(&first_error), op)));
+    for target in targets {
+        tasks.push(tokio::spawn(worker(target, measure_from, until, Arc::clone(&first_error), op)));
     }
     let mut hist = new_hist().map_err(BenchError::Failed)?;
     let (mut ok, mut errors, mut last) = (0u64, 0u64, None::<Instant>);
@@ -1091,220 +1087,211 @@ async fn run_network(
     tls: &ClientTls,
     pin_setup: Option<&PinSetup>,
 ) -> Result<Vec<(usize, Row)>, BenchError> {
+    let channels = connect_all(plan, addr, tls).await?;
+    let mut rows = Vec::with_capacity(ops.len());
+    for &(i, op) in ops {
+        if matches!(op, Op::RawEncrypt | Op::RawDecrypt | Op::EchoBaseline) {
+            continue;
+        }
+        let (targets, supply) = targets_for(plan, op, &channels, addr, pin_setup).await?;
+        let row = drive(plan, op, targets, Some(channels.len()), None).await?;
+        if let Some(batches) = supply {
+            batches.report_reuse();
+        }
+        rows.push((i, row));
+    }
+    Ok(rows)
+}
+
+/// The bench's HTTP/2 connections to `addr`.
+async fn connect_all(plan: &Plan, addr: &str, tls: &ClientTls) -> Result<Vec<Channel>, BenchError> {
     let mut channels = Vec::with_capacity(plan.connections);
     for _ in 0..plan.connections {
         channels.push(client::connect(addr, tls).await.map_err(|e| BenchError::Failed(format!("{addr}: {}", chain(&e))))?);
     }
+    Ok(channels)
+}
+
+/// The workers' targets for one operation (one per worker), after its set-up (not
+/// measured), and the payment supply when the operation verifies payments.
+async fn targets_for(
+    plan: &Plan,
+    op: Op,
+    channels: &[Channel],
+    addr: &str,
+    pin_setup: Option<&PinSetup>,
+) -> Result<(Vec<Target>, Option<Arc<setup::Batches>>), BenchError> {
     let plaintext = payload_bytes(plan.payload);
-    let mut rows = Vec::with_capacity(ops.len());
-    for &(i, op) in ops {
-        let ch = |w: usize| channels[w % channels.len()].clone();
-        let row = match op {
-            Op::Ping => {
-                let req = PingRequest { payload: plaintext.clone() };
-                drive(plan, op, |w| Target::Ping { client: AdminServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
-                    .await?
+    let ch = |w: usize| channels[w % channels.len()].clone();
+    let mut supply = None;
+    let targets = match op {
+        Op::Ping => {
+            let req = PingRequest { payload: plaintext.clone() };
+            (0..plan.concurrency).map(|w| Target::Ping { client: AdminServiceClient::new(ch(w)), req: req.clone() }).collect::<Vec<_>>()
+        }
+        Op::Encrypt => {
+            let req = EncryptRequest { key_name: plan.key.clone(), plaintext: plaintext.clone(), aad: BENCH_AAD.to_vec() };
+            (0..plan.concurrency).map(|w| Target::Encrypt { client: DataServiceClient::new(ch(w)), req: req.clone() }).collect::<Vec<_>>()
+        }
+        Op::Decrypt => {
+            let mut c = DataServiceClient::new(ch(0));
+            let enc = c
+                .encrypt(EncryptRequest { key_name: plan.key.clone(), plaintext: plaintext.clone(), aad: BENCH_AAD.to_vec() })
+                .await
+                .map_err(|s| BenchError::Failed(format!("decrypt set-up: encrypt: {}", status_text(s))))?
+                .into_inner();
+            let req = DecryptRequest { key_name: plan.key.clone(), ciphertext: enc.ciphertext, aad: BENCH_AAD.to_vec() };
+            let back = c
+                .decrypt(req.clone())
+                .await
+                .map_err(|s| BenchError::Failed(format!("decrypt set-up: decrypt: {}", status_text(s))))?
+                .into_inner();
+            if back.plaintext != plaintext {
+                return Err(BenchError::Failed("decrypt set-up: the appliance returned other data".into()));
             }
-            Op::Encrypt => {
-                let req = EncryptRequest { key_name: plan.key.clone(), plaintext: plaintext.clone(), aad: BENCH_AAD.to_vec() };
-                drive(plan, op, |w| Target::Encrypt { client: DataServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
-                    .await?
-            }
-            Op::Decrypt => {
-                let mut c = DataServiceClient::new(ch(0));
-                let enc = c
-                    .encrypt(EncryptRequest { key_name: plan.key.clone(), plaintext: plaintext.clone(), aad: BENCH_AAD.to_vec() })
-                    .await
-                    .map_err(|s| BenchError::Failed(format!("decrypt set-up: encrypt: {}", status_text(s))))?
-                    .into_inner();
-                let req = DecryptRequest { key_name: plan.key.clone(), ciphertext: enc.ciphertext, aad: BENCH_AAD.to_vec() };
-                let back = c
-                    .decrypt(req.clone())
-                    .await
-                    .map_err(|s| BenchError::Failed(format!("decrypt set-up: decrypt: {}", status_text(s))))?
-                    .into_inner();
-                if back.plaintext != plaintext {
-                    return Err(BenchError::Failed("decrypt set-up: the appliance returned other data".into()));
+            (0..plan.concurrency).map(|w| Target::Decrypt { client: DataServiceClient::new(ch(w)), req: req.clone() }).collect::<Vec<_>>()
+        }
+        Op::TranslateZone | Op::TranslateDukpt | Op::VerifyPin => {
+            let setup = pin_setup.ok_or_else(|| BenchError::Usage(format!("{}: needs --spawn", op.name())))?;
+            let n = if op == Op::TranslateDukpt { plan.concurrency } else { 1 };
+            let mut terms = terminals(addr, setup, n).await?;
+            let mut pin = PinServiceClient::new(ch(0));
+            match op {
+                Op::TranslateZone => {
+                    let first = terms.first_mut().ok_or_else(|| BenchError::Failed("no terminal".into()))?;
+                    let source = zone_block(&mut pin, first, "zpk.switch", PinBlockFormat::Iso0).await?;
+                    let req = TranslatePinRequest {
+                        pin: Some(source),
+                        destination_key: "zpk.bank-a".into(),
+                        destination_format: PinBlockFormat::Iso4 as i32,
+                        destination_account: None,
+                    };
+                    (0..plan.concurrency).map(|w| Target::Translate { client: PinServiceClient::new(ch(w)), req: req.clone() }).collect::<Vec<_>>()
                 }
-                drive(plan, op, |w| Target::Decrypt { client: DataServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
-                    .await?
+                Op::VerifyPin => {
+                    let first = terms.first_mut().ok_or_else(|| BenchError::Failed("no terminal".into()))?;
+                    let block = zone_block(&mut pin, first, "zpk.bank-a", PinBlockFormat::Iso4).await?;
+                    let activation = client::connect(addr, &ClientTls::dev(&setup.pki, "activation"))
+                        .await
+                        .map_err(|e| BenchError::Failed(format!("activation client: {}", chain(&e))))?;
+                    let pvd = PinServiceClient::new(activation)
+                        .generate_pin_verification_data(GeneratePinVerificationDataRequest {
+                            pin: Some(block.clone()),
+                            method: PinVerificationMethod::KeywardHmac as i32,
+                            pvk_name: "pvk.hub".into(),
+                            pvki: 0,
+                        })
+                        .await
+                        .map_err(|s| BenchError::Failed(format!("PIN set-up: GeneratePinVerificationData: {}", status_text(s))))?
+                        .into_inner();
+                    let req = VerifyPinRequest { pin: Some(block), verification_data: pvd.verification_data };
+                    (0..plan.concurrency).map(|w| Target::VerifyPin { client: PinServiceClient::new(ch(w)), req: req.clone() }).collect::<Vec<_>>()
+                }
+                _ => {
+                    // One terminal per worker (terminals() made exactly that many).
+                    let mut terms = terms.into_iter().map(Box::new);
+                    (0..plan.concurrency).map(|w| match terms.next() {
+                            Some(terminal) => Target::TranslateDukpt { client: PinServiceClient::new(ch(w)), terminal },
+                            // Not reached; an empty request fails visibly if it were.
+                            None => Target::Translate { client: PinServiceClient::new(ch(w)), req: TranslatePinRequest::default() },
+                        }).collect::<Vec<_>>()
+                }
             }
-            Op::TranslateZone | Op::TranslateDukpt | Op::VerifyPin => {
-                let setup = pin_setup.ok_or_else(|| BenchError::Usage(format!("{}: needs --spawn", op.name())))?;
-                let n = if op == Op::TranslateDukpt { plan.concurrency } else { 1 };
-                let mut terms = terminals(addr, setup, n).await?;
-                let mut pin = PinServiceClient::new(ch(0));
-                match op {
-                    Op::TranslateZone => {
-                        let first = terms.first_mut().ok_or_else(|| BenchError::Failed("no terminal".into()))?;
-                        let source = zone_block(&mut pin, first, "zpk.switch", PinBlockFormat::Iso0).await?;
-                        let req = TranslatePinRequest {
-                            pin: Some(source),
-                            destination_key: "zpk.bank-a".into(),
-                            destination_format: PinBlockFormat::Iso4 as i32,
-                            destination_account: None,
-                        };
-                        drive(plan, op, |w| Target::Translate { client: PinServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
-                            .await?
+        }
+        Op::OtpIssue => {
+            let req = otp_issue_request(1);
+            (0..plan.concurrency).map(|w| Target::OtpIssue { client: OtpServiceClient::new(ch(w)), req: req.clone() }).collect::<Vec<_>>()
+        }
+        Op::OtpVerify => {
+            let per_worker = OTP_ISSUED_TOTAL.div_ceil(plan.concurrency);
+            eprintln!("bench: otp-verify: issuing {} challenges first (not measured)", per_worker * plan.concurrency);
+            let mut tasks = Vec::with_capacity(plan.concurrency);
+            for w in 0..plan.concurrency {
+                let mut c = OtpServiceClient::new(ch(w));
+                tasks.push(tokio::spawn(async move {
+                    let mut issued = Vec::with_capacity(per_worker);
+                    for _ in 0..per_worker {
+                        let r = c.issue_code(otp_issue_request(600)).await.map_err(status_text)?.into_inner();
+                        issued.push((r.challenge, r.code));
                     }
-                    Op::VerifyPin => {
-                        let first = terms.first_mut().ok_or_else(|| BenchError::Failed("no terminal".into()))?;
-                        let block = zone_block(&mut pin, first, "zpk.bank-a", PinBlockFormat::Iso4).await?;
-                        let activation = client::connect(addr, &ClientTls::dev(&setup.pki, "activation"))
-                            .await
-                            .map_err(|e| BenchError::Failed(format!("activation client: {}", chain(&e))))?;
-                        let pvd = PinServiceClient::new(activation)
-                            .generate_pin_verification_data(GeneratePinVerificationDataRequest {
-                                pin: Some(block.clone()),
-                                method: PinVerificationMethod::KeywardHmac as i32,
-                                pvk_name: "pvk.hub".into(),
-                                pvki: 0,
-                            })
-                            .await
-                            .map_err(|s| BenchError::Failed(format!("PIN set-up: GeneratePinVerificationData: {}", status_text(s))))?
-                            .into_inner();
-                        let req = VerifyPinRequest { pin: Some(block), verification_data: pvd.verification_data };
-                        drive(plan, op, |w| Target::VerifyPin { client: PinServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
-                            .await?
-                    }
-                    _ => {
-                        // One terminal per worker (terminals() made exactly that many).
-                        let mut terms = terms.into_iter().map(Box::new);
-                        drive(
-                            plan,
-                            op,
-                            |w| match terms.next() {
-                                Some(terminal) => Target::TranslateDukpt { client: PinServiceClient::new(ch(w)), terminal },
-                                // Not reached; an empty request fails visibly if it were.
-                                None => Target::Translate { client: PinServiceClient::new(ch(w)), req: TranslatePinRequest::default() },
-                            },
-                            Some(channels.len()),
-                            None,
-                        )
-                        .await?
-                    }
-                }
+                    Ok::<_, String>(issued)
+                }));
             }
-            Op::OtpIssue => {
-                let req = otp_issue_request(1);
-                drive(plan, op, |w| Target::OtpIssue { client: OtpServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
-                    .await?
-            }
-            Op::OtpVerify => {
-                let per_worker = OTP_ISSUED_TOTAL.div_ceil(plan.concurrency);
-                eprintln!("bench: otp-verify: issuing {} challenges first (not measured)", per_worker * plan.concurrency);
-                let mut tasks = Vec::with_capacity(plan.concurrency);
-                for w in 0..plan.concurrency {
-                    let mut c = OtpServiceClient::new(ch(w));
-                    tasks.push(tokio::spawn(async move {
-                        let mut issued = Vec::with_capacity(per_worker);
-                        for _ in 0..per_worker {
-                            let r = c.issue_code(otp_issue_request(600)).await.map_err(status_text)?.into_inner();
-                            issued.push((r.challenge, r.code));
-                        }
-                        Ok::<_, String>(issued)
-                    }));
-                }
-                let mut batches = Vec::with_capacity(plan.concurrency);
-                for t in tasks {
-                    batches.push(
-                        t.await
-                            .map_err(|e| BenchError::Failed(format!("otp set-up: {e}")))?
-                            .map_err(|e| BenchError::Failed(format!("otp set-up: IssueCode: {e}")))?,
-                    );
-                }
-                let mut batches = batches.into_iter();
-                drive(
-                    plan,
-                    op,
-                    |w| Target::OtpVerify { client: OtpServiceClient::new(ch(w)), issued: batches.next().unwrap_or_default() },
-                    Some(channels.len()),
-                    None,
-                )
-                .await?
-            }
-            Op::TotpVerify => {
-                let mut c = OtpServiceClient::new(ch(0));
-                let e = c
-                    .enroll_totp(EnrollTotpRequest {
-                        subject: BENCH_SUBJECT.into(),
-                        issuer: "keyward bench".into(),
-                        account_label: BENCH_SUBJECT.into(),
-                        algorithm: 0,
-                        digits: 6,
-                        period: 30,
-                    })
-                    .await
-                    .map_err(|s| BenchError::Failed(format!("totp set-up: EnrollTotp: {}", status_text(s))))?
-                    .into_inner();
-                let secret = e
-                    .provisioning_uri
-                    .split(['?', '&'])
-                    .find_map(|kv| kv.strip_prefix("secret="))
-                    .ok_or_else(|| BenchError::Failed("totp set-up: no secret in the URI".into()))?;
-                let seed = Zeroizing::new(
-                    data_encoding::BASE32_NOPAD
-                        .decode(secret.as_bytes())
-                        .map_err(|_| BenchError::Failed("totp set-up: secret not base32".into()))?,
+            let mut batches = Vec::with_capacity(plan.concurrency);
+            for t in tasks {
+                batches.push(
+                    t.await
+                        .map_err(|e| BenchError::Failed(format!("otp set-up: {e}")))?
+                        .map_err(|e| BenchError::Failed(format!("otp set-up: IssueCode: {e}")))?,
                 );
-                drive(
-                    plan,
-                    op,
-                    |w| Target::TotpVerify { client: OtpServiceClient::new(ch(w)), seed: seed.clone(), blob: e.seed_blob.clone() },
-                    Some(channels.len()),
-                    None,
-                )
-                .await?
             }
-            Op::Mac => {
-                let req = GenerateMacRequest { key_name: "mac.switch".into(), data: plaintext.clone(), padding: 0, mac_length: 0 };
-                drive(plan, op, |w| Target::Mac { client: MacServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
-                    .await?
-            }
-            Op::VoucherIssue => {
-                let req = setup::voucher_request(VoucherServiceClient::new(ch(0))).await?;
-                drive(plan, op, |w| Target::VoucherIssue { client: VoucherServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
-                    .await?
-            }
-            Op::VerifyPayments => {
-                let batches = Arc::new(setup::payment_batches(VoucherServiceClient::new(ch(0)), plan).await?);
-                let row = drive(
-                    plan,
-                    op,
-                    |w| Target::VerifyPayments { client: VoucherServiceClient::new(ch(w)), batches: Arc::clone(&batches) },
-                    Some(channels.len()),
-                    None,
-                )
-                .await?;
-                batches.report_reuse();
-                row
-            }
-            Op::Seal => {
-                let req = SealBindingRequest { binding: Some(setup::bench_binding()) };
-                drive(plan, op, |w| Target::Seal { client: BindingServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
-                    .await?
-            }
-            Op::Open => {
-                let req = setup::open_request(BindingServiceClient::new(ch(0))).await?;
-                drive(plan, op, |w| Target::Open { client: BindingServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
-                    .await?
-            }
-            Op::BlindIndex => {
-                let req = BlindIndexRequest { phone: BENCH_PHONE.into() };
-                drive(plan, op, |w| Target::BlindIndex { client: BindingServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
-                    .await?
-            }
-            Op::Rewrap => {
-                let setup = pin_setup.ok_or_else(|| BenchError::Usage(format!("{}: needs --spawn", op.name())))?;
-                let req = setup::rewrap_request(BindingServiceClient::new(ch(0)), addr, &setup.state).await?;
-                drive(plan, op, |w| Target::Rewrap { client: BindingServiceClient::new(ch(w)), req: req.clone() }, Some(channels.len()), None)
-                    .await?
-            }
-            Op::RawEncrypt | Op::RawDecrypt | Op::EchoBaseline => continue,
-        };
-        rows.push((i, row));
-    }
-    Ok(rows)
+            let mut batches = batches.into_iter();
+            (0..plan.concurrency).map(|w| Target::OtpVerify { client: OtpServiceClient::new(ch(w)), issued: batches.next().unwrap_or_default() }).collect::<Vec<_>>()
+        }
+        Op::TotpVerify => {
+            let mut c = OtpServiceClient::new(ch(0));
+            let e = c
+                .enroll_totp(EnrollTotpRequest {
+                    subject: BENCH_SUBJECT.into(),
+                    issuer: "keyward bench".into(),
+                    account_label: BENCH_SUBJECT.into(),
+                    algorithm: 0,
+                    digits: 6,
+                    period: 30,
+                })
+                .await
+                .map_err(|s| BenchError::Failed(format!("totp set-up: EnrollTotp: {}", status_text(s))))?
+                .into_inner();
+            let secret = e
+                .provisioning_uri
+                .split(['?', '&'])
+                .find_map(|kv| kv.strip_prefix("secret="))
+                .ok_or_else(|| BenchError::Failed("totp set-up: no secret in the URI".into()))?;
+            let seed = Zeroizing::new(
+                data_encoding::BASE32_NOPAD
+                    .decode(secret.as_bytes())
+                    .map_err(|_| BenchError::Failed("totp set-up: secret not base32".into()))?,
+            );
+            (0..plan.concurrency).map(|w| Target::TotpVerify { client: OtpServiceClient::new(ch(w)), seed: seed.clone(), blob: e.seed_blob.clone() }).collect::<Vec<_>>()
+        }
+        Op::Mac => {
+            let req = GenerateMacRequest { key_name: "mac.switch".into(), data: plaintext.clone(), padding: 0, mac_length: 0 };
+            (0..plan.concurrency).map(|w| Target::Mac { client: MacServiceClient::new(ch(w)), req: req.clone() }).collect::<Vec<_>>()
+        }
+        Op::VoucherIssue => {
+            let req = setup::voucher_request(VoucherServiceClient::new(ch(0))).await?;
+            (0..plan.concurrency).map(|w| Target::VoucherIssue { client: VoucherServiceClient::new(ch(w)), req: req.clone() }).collect::<Vec<_>>()
+        }
+        Op::VerifyPayments => {
+            let batches = Arc::new(setup::payment_batches(VoucherServiceClient::new(ch(0)), plan).await?);
+            let targets = (0..plan.concurrency)
+                .map(|w| Target::VerifyPayments { client: VoucherServiceClient::new(ch(w)), batches: Arc::clone(&batches) })
+                .collect::<Vec<_>>();
+            supply = Some(batches);
+            targets
+        }
+        Op::Seal => {
+            let req = SealBindingRequest { binding: Some(setup::bench_binding()) };
+            (0..plan.concurrency).map(|w| Target::Seal { client: BindingServiceClient::new(ch(w)), req: req.clone() }).collect::<Vec<_>>()
+        }
+        Op::Open => {
+            let req = setup::open_request(BindingServiceClient::new(ch(0))).await?;
+            (0..plan.concurrency).map(|w| Target::Open { client: BindingServiceClient::new(ch(w)), req: req.clone() }).collect::<Vec<_>>()
+        }
+        Op::BlindIndex => {
+            let req = BlindIndexRequest { phone: BENCH_PHONE.into() };
+            (0..plan.concurrency).map(|w| Target::BlindIndex { client: BindingServiceClient::new(ch(w)), req: req.clone() }).collect::<Vec<_>>()
+        }
+        Op::Rewrap => {
+            let setup = pin_setup.ok_or_else(|| BenchError::Usage(format!("{}: needs --spawn", op.name())))?;
+            let req = setup::rewrap_request(BindingServiceClient::new(ch(0)), addr, &setup.state).await?;
+            (0..plan.concurrency).map(|w| Target::Rewrap { client: BindingServiceClient::new(ch(w)), req: req.clone() }).collect::<Vec<_>>()
+        }
+        Op::RawEncrypt | Op::RawDecrypt | Op::EchoBaseline => {
+            return Err(BenchError::Failed(format!("{} is not driven over the appliance's network", op.name())))
+        }
+    };
+    Ok((targets, supply))
 }
 
 async fn run_raw(plan: &Plan, op: Op, hsm: &Hsm, sessions: usize) -> Result<Row, BenchError> {
@@ -1315,8 +1302,10 @@ async fn run_raw(plan: &Plan, op: Op, hsm: &Hsm, sessions: usize) -> Result<Row,
     let plaintext = payload_bytes(plan.payload);
     match op {
         Op::RawEncrypt => {
-            let make = |_| Target::RawEncrypt { hsm: hsm.clone(), key: Arc::clone(&key), plaintext: plaintext.clone() };
-            drive(plan, op, make, None, Some(sessions)).await
+            let targets = (0..plan.concurrency)
+                .map(|_| Target::RawEncrypt { hsm: hsm.clone(), key: Arc::clone(&key), plaintext: plaintext.clone() })
+                .collect();
+            drive(plan, op, targets, None, Some(sessions)).await
         }
         Op::RawDecrypt => {
             let (iv, ciphertext) = hsm
@@ -1330,8 +1319,10 @@ async fn run_raw(plan: &Plan, op: Op, hsm: &Hsm, sessions: usize) -> Result<Row,
             if back.as_slice() != plaintext.as_slice() {
                 return Err(BenchError::Failed("raw-decrypt set-up: the token returned other data".into()));
             }
-            let make = |_| Target::RawDecrypt { hsm: hsm.clone(), key: Arc::clone(&key), iv, ciphertext: ciphertext.clone() };
-            drive(plan, op, make, None, Some(sessions)).await
+            let targets = (0..plan.concurrency)
+                .map(|_| Target::RawDecrypt { hsm: hsm.clone(), key: Arc::clone(&key), iv, ciphertext: ciphertext.clone() })
+                .collect();
+            drive(plan, op, targets, None, Some(sessions)).await
         }
         other => Err(BenchError::Failed(format!("{} is not an in-process operation", other.name()))),
     }
