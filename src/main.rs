@@ -49,7 +49,7 @@ enum Cmd {
         server_names: Vec<String>,
     },
     /// Load generator against a running appliance (or --raw: straight on the token).
-    Bench(keyward::bench::BenchArgs),
+    Bench(Box<keyward::bench::BenchArgs>),
     /// From nothing to a running appliance and its flows, in a fresh state directory.
     Demo(keyward::demo::DemoArgs),
     /// The bench's echo baseline server (started by `keyward bench --op echo-baseline`).
@@ -149,7 +149,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Bench(args) => keyward::bench::main(args),
+        Cmd::Bench(args) => keyward::bench::main(*args),
         Cmd::Demo(args) => keyward::demo::main(args),
         Cmd::BenchEcho { config, listen } => {
             let config = match keyward::config::Config::load(&config) {

@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::hsm::{Hsm, KeyClass, KeyEntry};
 pub mod echo;
 mod setup;
+mod soak;
 
 use crate::proto::admin_service_client::AdminServiceClient;
 use crate::proto::binding_service_client::BindingServiceClient;
@@ -223,6 +224,19 @@ pub struct BenchArgs {
     /// Print one JSON object per row on stdout instead of the table.
     #[arg(long, help_heading = "Workload")]
     pub json: bool,
+    /// Soak instead of a benchmark: every network operation in one mix for this long
+    /// ("10m", "90s", "1h"), at --rate requests/s in all, the appliance's RSS, open
+    /// descriptors and threads sampled every --sample-every seconds, its audit trail
+    /// verified at the end; fails on any failed request. Needs --spawn.
+    #[arg(long, requires = "spawn", help_heading = "Soak")]
+    pub soak: Option<String>,
+    /// Requests per second offered in all during a soak (use about half of the
+    /// measured maximum).
+    #[arg(long, default_value_t = 1000, requires = "soak", help_heading = "Soak")]
+    pub rate: u32,
+    /// Seconds between samples of the appliance process during a soak.
+    #[arg(long, default_value_t = 10, requires = "soak", help_heading = "Soak")]
+    pub sample_every: u64,
 
     /// Appliance address HOST:PORT (a running appliance; not with --spawn).
     #[arg(long, conflicts_with = "spawn", help_heading = "Target")]
@@ -392,6 +406,9 @@ pub fn main(args: BenchArgs) -> ExitCode {
 
 fn run(args: BenchArgs) -> Result<(), BenchError> {
     let plan = plan(&args)?;
+    if let Some(d) = &args.soak {
+        return run_soak(&args, &plan, d);
+    }
     let network: Vec<(usize, Op)> = plan.ops.iter().copied().enumerate().filter(|(_, o)| !o.is_raw()).collect();
     let raw: Vec<(usize, Op)> = plan.ops.iter().copied().enumerate().filter(|(_, o)| o.is_raw()).collect();
 
@@ -482,6 +499,69 @@ fn run(args: BenchArgs) -> Result<(), BenchError> {
     let errors: u64 = rows.iter().map(|r| r.errors).sum();
     if errors > 0 {
         return Err(BenchError::Failed(format!("{errors} request(s) failed (first error above)")));
+    }
+    Ok(())
+}
+
+/// `--soak`: the mix against a spawned appliance, then the trail verified.
+fn run_soak(args: &BenchArgs, plan: &Plan, duration: &str) -> Result<(), BenchError> {
+    let duration = soak::parse_duration(duration).map_err(|e| BenchError::Usage(format!("--soak {e}")))?;
+    if !(1..=1_000_000).contains(&args.rate) {
+        return Err(BenchError::Usage(format!("--rate {}: must be 1-1000000", args.rate)));
+    }
+    if !(1..=3600).contains(&args.sample_every) {
+        return Err(BenchError::Usage(format!("--sample-every {}: must be 1-3600", args.sample_every)));
+    }
+    let (p, addr, tmk) = prepare_state(args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| BenchError::Failed(format!("cannot start the runtime: {e}")))?;
+    let mut child = start_child(&p)?;
+    let pid = child.child.as_ref().map(std::process::Child::id).unwrap_or(0);
+    let tls = ClientTls::dev(&p.pki, &args.client);
+    let pin = PinSetup { tmk, pki: p.pki.clone(), state: p.clone() };
+    eprintln!(
+        "bench: soak: {} operations mixed, {} req/s for {:.0} s, sampling every {} s",
+        soak::SOAK_OPS.len(),
+        args.rate,
+        duration.as_secs_f64(),
+        args.sample_every
+    );
+    let report = rt.block_on(async {
+        wait_ready(&addr, &tls, &mut child).await?;
+        let settings = soak::SoakSettings { duration, rate: args.rate, every: Duration::from_secs(args.sample_every) };
+        soak::run(plan, &addr, &tls, Some(&pin), pid, settings).await
+    });
+    let stopped = child.stop();
+    let report = report?;
+    let mut out = std::io::stdout().lock();
+    report.print(&mut out).map_err(|e| BenchError::Failed(format!("writing the report: {e}")))?;
+    match stopped {
+        Ok(status) if status.success() => {}
+        Ok(status) => return Err(BenchError::Failed(format!("the appliance exited with {status}"))),
+        Err(e) => return Err(BenchError::Failed(e)),
+    }
+    // The trail the soak wrote must verify, with the token's keys.
+    let exe = std::env::current_exe().map_err(|e| BenchError::Failed(format!("locating the keyward binary: {e}")))?;
+    let audit_dir = Config::load(&p.config).map_err(|e| BenchError::Failed(e.to_string()))?.audit.dir;
+    let verified = Command::new(&exe)
+        .args(["audit", "verify"])
+        .arg(&audit_dir)
+        .arg("--config")
+        .arg(&p.config)
+        .envs(&p.exports)
+        .env("KEYWARD_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| BenchError::Failed(format!("keyward audit verify: {e}")))?;
+    let said = String::from_utf8_lossy(&verified.stdout);
+    let _ = std::io::Write::write_fmt(&mut out, format_args!("audit verify: {}\n", said.lines().last().unwrap_or("").trim()));
+    if !verified.status.success() {
+        return Err(BenchError::Failed(format!("the audit trail does not verify: {}", String::from_utf8_lossy(&verified.stderr).trim())));
+    }
+    if report.errors() > 0 {
+        return Err(BenchError::Failed(format!("{} request(s) failed during the soak (first error above)", report.errors())));
     }
     Ok(())
 }
