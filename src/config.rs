@@ -43,6 +43,8 @@ struct RawConfig {
     #[serde(default)]
     binding: RawBinding,
     #[serde(default)]
+    pin: RawPin,
+    #[serde(default)]
     clients: BTreeMap<String, String>,
     #[serde(default)]
     roles: BTreeMap<String, RawRole>,
@@ -216,6 +218,32 @@ impl Default for RawBinding {
 pub struct BindingConfig {
     /// Most records one RewrapBindings call may carry (1-10000; default 1000).
     pub max_batch: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPin {
+    max_decode_failures: u32,
+    failure_window_secs: u64,
+    lockout_secs: u64,
+}
+
+impl Default for RawPin {
+    fn default() -> Self {
+        RawPin { max_decode_failures: 3, failure_window_secs: 900, lockout_secs: 900 }
+    }
+}
+
+/// PIN translation settings: the lock against PIN-block oracles.
+#[derive(Debug, Clone)]
+pub struct PinConfig {
+    /// TranslatePin blocks that fail to decode after an account-dependent step, per
+    /// client within `failure_window`, that lock the client (1-1000; default 3).
+    pub max_decode_failures: u32,
+    /// Window the failures are counted in (1 s - 1 day; default 15 min).
+    pub failure_window: Duration,
+    /// How long a locked client's TranslatePin calls are refused (1 s - 1 day; default 15 min).
+    pub lockout: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -397,6 +425,7 @@ pub struct Config {
     pub otp: OtpConfig,
     pub ecash: EcashConfig,
     pub binding: BindingConfig,
+    pub pin: PinConfig,
     /// Client identity (first SAN URI, else subject CN) -> role name.
     pub clients: BTreeMap<String, String>,
     pub roles: BTreeMap<String, Arc<Role>>,
@@ -573,6 +602,14 @@ impl Config {
         if !(1..=10_000).contains(&raw.binding.max_batch) {
             c.errors.push("binding.max_batch: must be 1-10000".into());
         }
+        if !(1..=1000).contains(&raw.pin.max_decode_failures) {
+            c.errors.push("pin.max_decode_failures: must be 1-1000".into());
+        }
+        for (path, secs) in [("pin.failure_window_secs", raw.pin.failure_window_secs), ("pin.lockout_secs", raw.pin.lockout_secs)] {
+            if !(1..=86_400).contains(&secs) {
+                c.errors.push(format!("{path}: must be 1-86400"));
+            }
+        }
         let l = &raw.limits;
         if l.max_message_bytes < 1024 || l.max_message_bytes > 64 << 20 {
             c.errors.push("limits.max_message_bytes: must be 1 KiB - 64 MiB".into());
@@ -704,6 +741,11 @@ impl Config {
                         max_voucher_validity: Duration::from_secs(e.max_voucher_days * 86_400),
                     },
                     binding: BindingConfig { max_batch: raw.binding.max_batch },
+                    pin: PinConfig {
+                        max_decode_failures: raw.pin.max_decode_failures,
+                        failure_window: Duration::from_secs(raw.pin.failure_window_secs),
+                        lockout: Duration::from_secs(raw.pin.lockout_secs),
+                    },
                     clients: raw.clients,
                     roles,
                     source: None,
@@ -756,6 +798,9 @@ voucher_days = 400
 handshake_timeout_ms = 10
 max_pending_handshakes = 8
 max_pending_handshakes_per_source = 9
+[pin]
+max_decode_failures = 0
+lockout_secs = 0
 "#;
         let err = Config::parse(text, Path::new("/tmp")).err().map(|e| e.0).unwrap_or_default();
         let joined = err.join("\n");
@@ -776,6 +821,8 @@ max_pending_handshakes_per_source = 9
             "ecash.voucher_days",
             "limits.handshake_timeout_ms: must be 100-60000",
             "limits.max_pending_handshakes_per_source: must be 1 to limits.max_pending_handshakes",
+            "pin.max_decode_failures",
+            "pin.lockout_secs",
         ] {
             assert!(joined.contains(needle), "missing {needle} in:\n{joined}");
         }

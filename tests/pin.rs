@@ -729,11 +729,15 @@ async fn translation_across_formats_and_accounts() {
                     assert_eq!(decode(dst, &r.block, None, dz), Ok(pin.to_string()), "{what}");
                     assert!(!r.account_changed);
                 } else {
-                    // No account in the source: the destination account must be given, and
-                    // adding one is not a change of account.
-                    expect_code(translate(&switch, treq(p.clone(), dz.name, dst, None)).await, Code::InvalidArgument, &["destination_account"], &what);
+                    // No account in the source: binding it to one is the account change's
+                    // permission; the destination account must be given, and adding one is
+                    // not reported as a change of account.
+                    for c in [&switch, &admin] {
+                        expect_code(translate(c, treq(p.clone(), dz.name, dst, pan(PAN))).await, Code::PermissionDenied, &["pin.change-account", "format 1"], &what);
+                    }
+                    expect_code(translate(&hub, treq(p.clone(), dz.name, dst, None)).await, Code::InvalidArgument, &["destination_account"], &what);
                     for (acct, digits) in [(pan(PAN), PAN.to_string()), (phone(PHONE), VIRTUAL_PAN.to_string())] {
-                        let r = translate_ok(&switch, treq(p.clone(), dz.name, dst, acct), &what).await;
+                        let r = translate_ok(&hub, treq(p.clone(), dz.name, dst, acct), &what).await;
                         assert_eq!(decode(dst, &r.block, Some(&digits), dz), Ok(pin.to_string()), "{what} ({digits})");
                         assert!(!r.account_changed, "{what}");
                         assert_eq!(r.format, dst as i32);
@@ -751,15 +755,24 @@ async fn translation_across_formats_and_accounts() {
                     }
                     continue;
                 }
-                // Same account: any role with TranslatePin.
-                let r = translate_ok(&switch, treq(p.clone(), dz.name, dst, None), &what).await;
+                // Same account: any role with TranslatePin, except that a format 3 block
+                // leaves its format only with the account change's permission.
+                let same_client = if src == PinBlockFormat::Iso3 && dst != src {
+                    for c in [&switch, &admin] {
+                        expect_code(translate(c, treq(p.clone(), dz.name, dst, None)).await, Code::PermissionDenied, &["pin.change-account", "format 3"], &what);
+                    }
+                    &hub
+                } else {
+                    &switch
+                };
+                let r = translate_ok(same_client, treq(p.clone(), dz.name, dst, None), &what).await;
                 assert_eq!(decode(dst, &r.block, Some(src_digits), dz), Ok(pin.to_string()), "{what}");
                 assert!(!r.account_changed, "{what}");
                 assert_eq!(r.format, dst as i32, "{what}");
                 assert_eq!(key_of(&r.destination_key), (dz.name.to_string(), 1));
                 // The same account given explicitly (another form of the phone number) is no change.
                 let same = if src_digits == PAN { pan(PAN) } else { phone(PHONE_E164) };
-                let r = translate_ok(&switch, treq(p.clone(), dz.name, dst, same), &what).await;
+                let r = translate_ok(same_client, treq(p.clone(), dz.name, dst, same), &what).await;
                 assert!(!r.account_changed, "{what}: same account given");
                 assert_eq!(decode(dst, &r.block, Some(src_digits), dz), Ok(pin.to_string()), "{what}");
                 // Another account: only with the permission.
@@ -814,7 +827,8 @@ async fn translation_across_formats_and_accounts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_pin_blocks_get_one_answer() {
     vector_keys();
-    let srv = start("pin-malformed").await;
+    // Many failing blocks from one client: the oracle lock is out of the way here.
+    let srv = start_with("pin-malformed", |c| c.pin.max_decode_failures = 1000).await;
     let switch = srv.clients("switch").await;
     let hub = srv.clients("hub").await;
     let f0 = |n: &[u8]| xor(&pack(n), &acct0(PAN));
@@ -850,8 +864,21 @@ async fn malformed_pin_blocks_get_one_answer() {
         (PinBlockFormat::Iso4, f4(&[4, 4, 1, 2, 3, 4, 0xA, 0xA, 0xA, 0xA, 0xA, 0xA, 0xA, 0xA, 0xA, 0xB]), "format 4: bad fill (B)"),
         (PinBlockFormat::Iso4, f4(&[4, 4, 1, 2, 3, 4, 0xF, 0xF, 0xF, 0xF, 0xF, 0xF, 0xF, 0xF, 0xF, 0xF]), "format 4: format 0 fill"),
     ];
+    // A same-format translation of format 0 or 3 checks only what the account does not
+    // touch (control nibble, length, first two digits) and re-enciphers the clear block
+    // as it was: these reach the destination unchanged, for it to refuse. Translated
+    // with an account change (decoded with the account), they are refused here.
+    let passes_same_format = ["format 0: non-digit PIN", "format 0: bad fill (E)", "format 0: zero fill", "format 3: digit in the fill"];
     let mut requests: Vec<(TranslatePinRequest, String)> = Vec::new();
     for (f, clear, what) in &cases {
+        if passes_same_format.contains(what) {
+            let block = Z_TDES.enc(clear);
+            let p = epin(&block, *f, pan(PAN), zone_src(Z_TDES.name));
+            let r = translate_ok(&switch, treq(p.clone(), Z_TDES_B.name, *f, None), what).await;
+            assert_eq!(Z_TDES_B.dec(&r.block), *clear, "{what}: the clear block changed");
+            requests.push((treq(p, Z_TDES_B.name, *f, pan("5522334455667788")), format!("{what}, account change")));
+            continue;
+        }
         let z = if *f == PinBlockFormat::Iso4 { Z_AES } else { Z_TDES };
         let block = match f {
             PinBlockFormat::Iso4 => z.enc(&xor(&z.enc(clear), &acct4(PAN))),
@@ -886,7 +913,7 @@ async fn malformed_pin_blocks_get_one_answer() {
 
     let mut answers = Vec::new();
     for (req, what) in requests {
-        let client = if what.contains("DUKPT") { &hub } else { &switch };
+        let client = if what.contains("DUKPT") || what.contains("account change") { &hub } else { &switch };
         let s = expect_code(translate(client, req).await, Code::InvalidArgument, &[], &what);
         assert_eq!(s.message(), BAD_BLOCK, "{what}");
         answers.push((s.code(), s.message().to_string(), what));
@@ -1261,7 +1288,7 @@ async fn audit_trail_holds_no_pin_block_or_account_number() {
     expect_code(translate(&switch, treq(p.clone(), Z_TDES.name, PinBlockFormat::Iso0, pan(bank))).await, Code::PermissionDenied, &[], "switch change");
     let bad = tdes(&h(TDES_ZPK), Mode::Encrypt, &xor(&h("0480517293FFFFFE"), &acct0(card)));
     blocks.push(bad.clone());
-    expect_code(translate(&switch, treq(epin(&bad, PinBlockFormat::Iso0, pan(card), zone_src(Z_TDES.name)), Z_TDES.name, PinBlockFormat::Iso0, None)).await, Code::InvalidArgument, &[], "bad");
+    expect_code(translate(&switch, treq(epin(&bad, PinBlockFormat::Iso0, pan(card), zone_src(Z_TDES.name)), Z_AES.name, PinBlockFormat::Iso4, None)).await, Code::InvalidArgument, &[], "bad");
     *count.entry("TranslatePin").or_default() += 7;
 
     // Verification, with phone-number accounts too.
@@ -1350,13 +1377,260 @@ async fn documented_input_contracts_are_enforced() {
             &format!("{bdk}: initial KSN with counter 5"),
         );
     }
-    let switch = srv.clients("switch").await;
+    let hub = srv.clients("hub").await;
     let b = encode(PinBlockFormat::Iso1, "1234", None, Z_TDES);
     expect_code(
-        translate(&switch, treq(epin(&b, PinBlockFormat::Iso1, pan(PAN), zone_src(Z_TDES.name)), Z_TDES.name, PinBlockFormat::Iso0, None)).await,
+        translate(&hub, treq(epin(&b, PinBlockFormat::Iso1, pan(PAN), zone_src(Z_TDES.name)), Z_TDES.name, PinBlockFormat::Iso0, None)).await,
         Code::InvalidArgument,
         &["destination_account"],
         "format 1 source with an account but no destination account",
     );
+    srv.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// The PIN-block oracle (issue 11): probing the stated account
+// ---------------------------------------------------------------------------
+
+/// Everything the appliance logs in this test binary (the alarm is an error-level line).
+static LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOG.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Captures the process's log from here on (once per binary).
+fn capture_log() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_max_level(tracing::Level::WARN).with_writer(|| LogWriter).finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    });
+}
+
+fn log_text() -> String {
+    String::from_utf8_lossy(&LOG.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+}
+
+/// `account` with the digit that lands on nibble `nibble` (4-15) of the format 0/3 account
+/// field replaced by `value`.
+fn alter_account(account: &str, nibble: usize, value: u8) -> String {
+    let i = account.len() - 17 + nibble;
+    let mut b = account.as_bytes().to_vec();
+    b[i] = b'0' + value;
+    String::from_utf8(b).unwrap()
+}
+
+/// The switch's probe for 4-digit PINs: the stated account altered on the nibbles of PIN
+/// digits 3 and 4 and of the first fill nibble, to each of the 9 other digit values.
+fn probes(account: &str) -> Vec<(usize, u8, String)> {
+    let mut out = Vec::new();
+    for nibble in 4..=6 {
+        let real = account.as_bytes()[account.len() - 17 + nibble] - b'0';
+        for v in (0..10u8).filter(|v| *v != real) {
+            out.push((nibble, real ^ v, alter_account(account, nibble, v)));
+        }
+    }
+    out
+}
+
+/// What a format 0 oracle answers to `probes` for `pin` (true: the block decodes): the
+/// PIN digit xor the account change must stay decimal, the F fill must stay F.
+fn oracle_answers(pin: &[u8], probes: &[(usize, u8, String)]) -> Vec<bool> {
+    probes.iter().map(|(nibble, delta, _)| if *nibble < 6 { (pin[nibble - 2] ^ delta) <= 9 } else { 0xF ^ delta == 0xF }).collect()
+}
+
+/// PINs of 4 digits consistent with `answers` (None: the call told nothing).
+fn candidates(probes: &[(usize, u8, String)], answers: &[Option<bool>]) -> usize {
+    (0..10_000u32)
+        .filter(|c| {
+            let d = [(c / 1000 % 10) as u8, (c / 100 % 10) as u8, (c / 10 % 10) as u8, (c % 10) as u8];
+            oracle_answers(&d, probes).iter().zip(answers).all(|(o, a)| a.is_none_or(|a| a == *o))
+        })
+        .count()
+}
+
+fn random_pins(n: usize) -> Vec<String> {
+    rand_bytes(2 * n).chunks(2).map(|b| format!("{:04}", u32::from(u16::from_be_bytes([b[0], b[1]])) % 10_000)).collect()
+}
+
+/// The finding: a role without `pin.change-account` states a source account altered in
+/// the digits overlapping the PIN field; OK versus INVALID_ARGUMENT told which PIN digits
+/// stayed decimal. Same format: the answers are the same for every PIN and the block
+/// stays with its own account. Across formats (the account is needed to decode): three
+/// failures lock the client, raise the alarm and are in the audit trail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probing_the_stated_account_learns_nothing_about_the_pin() {
+    capture_log();
+    vector_keys();
+    let srv = start("pin-oracle").await;
+    let switch = srv.clients("switch").await;
+    let hub = srv.clients("hub").await;
+    let pins = random_pins(12);
+    let probe = probes(PAN);
+    assert_eq!(probe.len(), 27);
+    assert_eq!(pins.len() * probe.len(), 324);
+    // The probe is sharp: an oracle would have cut every PIN's candidates.
+    for pin in &pins {
+        let answers: Vec<Option<bool>> = oracle_answers(&digits_of(pin), &probe).into_iter().map(Some).collect();
+        assert!(candidates(&probe, &answers) < 10_000, "the probe tells nothing about {pin}?");
+    }
+
+    // 0 -> 0: re-enciphered as it is, whatever account is stated.
+    let mut sequences = Vec::new();
+    for pin in &pins {
+        let block = encode(PinBlockFormat::Iso0, pin, Some(PAN), Z_TDES);
+        let mut answers = Vec::new();
+        for (_, _, stated) in &probe {
+            let p = epin(&block, PinBlockFormat::Iso0, pan(stated), zone_src(Z_TDES.name));
+            let r = translate(&switch, treq(p, Z_TDES_B.name, PinBlockFormat::Iso0, None)).await;
+            answers.push(r.as_ref().map(|_| ()).map_err(|s| (s.code(), s.message().to_string())));
+            if let Ok(r) = r {
+                let r = r.into_inner();
+                assert!(!r.account_changed);
+                assert_eq!(decode(PinBlockFormat::Iso0, &r.block, Some(PAN), Z_TDES_B), Ok(pin.clone()), "the PIN left its account");
+                assert_ne!(decode(PinBlockFormat::Iso0, &r.block, Some(stated), Z_TDES_B), Ok(pin.clone()), "the PIN moved to the stated account");
+            }
+        }
+        let seen: Vec<Option<bool>> = answers.iter().map(|a| Some(a.is_ok())).collect();
+        assert_eq!(candidates(&probe, &seen), 0, "answers an oracle could give: {answers:?}");
+        sequences.push(answers);
+    }
+    assert!(sequences.iter().all(|s| *s == sequences[0]), "the answers depend on the PIN");
+    assert!(sequences[0].iter().all(|a| a.is_ok()), "{:?}", sequences[0]);
+
+    // 0 -> 4: the account is needed to decode. Three failures lock the switch.
+    let mut failures = 0;
+    let mut locked = 0;
+    let mut per_pin: Vec<Vec<Option<bool>>> = Vec::new();
+    for pin in &pins {
+        let block = encode(PinBlockFormat::Iso0, pin, Some(PAN), Z_TDES);
+        let mut seen = Vec::new();
+        for (_, _, stated) in &probe {
+            let p = epin(&block, PinBlockFormat::Iso0, pan(stated), zone_src(Z_TDES.name));
+            match translate(&switch, treq(p, Z_AES.name, PinBlockFormat::Iso4, None)).await {
+                Ok(_) => {
+                    assert!(failures < 3, "answered after the lock");
+                    seen.push(Some(true));
+                }
+                Err(s) if s.code() == Code::InvalidArgument => {
+                    assert_eq!(s.message(), BAD_BLOCK);
+                    failures += 1;
+                    seen.push(Some(false));
+                }
+                Err(s) => {
+                    assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message());
+                    assert!(s.message().contains("TranslatePin refused to this client"), "{}", s.message());
+                    assert!(!s.message().contains(PAN) && !s.message().contains(pin.as_str()), "{}", s.message());
+                    locked += 1;
+                    seen.push(None);
+                }
+            }
+        }
+        per_pin.push(seen);
+    }
+    assert_eq!(failures, 3, "the lock trips at the third failure");
+    assert_eq!(locked, 324 - failures - per_pin.iter().flatten().filter(|a| **a == Some(true)).count());
+    // What the answers leave: the first PIN's two probed digits at most; the other PINs
+    // got nothing but refusals.
+    assert!(candidates(&probe, &per_pin[0]) >= 100, "{:?}", per_pin[0]);
+    for seen in &per_pin[1..] {
+        assert!(seen.iter().all(Option::is_none));
+        assert_eq!(candidates(&probe, seen), 10_000);
+    }
+    // Every TranslatePin of the locked client is refused, a same-format one too; others go on.
+    let p = zpin(PinBlockFormat::Iso0, &pins[0], PAN, Z_TDES);
+    expect_code(translate(&switch, treq(p.clone(), Z_TDES_B.name, PinBlockFormat::Iso0, None)).await, Code::ResourceExhausted, &["seconds"], "locked switch");
+    let r = translate_ok(&hub, treq(p, Z_TDES_B.name, PinBlockFormat::Iso0, None), "hub").await;
+    assert_eq!(decode(PinBlockFormat::Iso0, &r.block, Some(PAN), Z_TDES_B), Ok(pins[0].clone()));
+
+    // The alarm names the client, never a block, account or PIN.
+    let log = log_text();
+    let alarms: Vec<&str> = log.lines().filter(|l| l.contains("TranslatePin locked for this client")).collect();
+    assert!(alarms.iter().any(|l| l.contains("ERROR") && l.contains("spiffe://keyward/client/switch") && l.contains("failures=3")), "no alarm in:\n{log}");
+    for l in &alarms {
+        let body = l.split_once("Z ").map(|(_, b)| b).unwrap_or(l);
+        assert!(!body.contains(PAN) && !pins.iter().any(|p| body.contains(p.as_str())), "{l}");
+    }
+    assert!(!log.contains(PAN), "the log holds the account");
+
+    // The audit trail: the counted failures, the locking one, the refusals.
+    let dir = srv.audit_dir.clone();
+    srv.stop().await;
+    let lines: Vec<_> = rpc_lines(&dir).into_iter().filter(|l| l["action"].as_str().unwrap_or_default().ends_with("/TranslatePin")).collect();
+    let detail = |l: &serde_json::Value| l["detail"].as_str().unwrap_or_default().to_string();
+    let bad: Vec<String> = lines.iter().filter(|l| l["code"] == "INVALID_ARGUMENT").map(detail).collect();
+    assert_eq!(bad, ["pin-format-failures=1", "pin-format-failures=2", "pin-format-failures=3 locked"]);
+    let refused: Vec<_> = lines.iter().filter(|l| l["code"] == "RESOURCE_EXHAUSTED").collect();
+    assert_eq!(refused.len(), locked + 1);
+    assert!(refused.iter().all(|l| detail(l) == "pin-format-failures=3 locked"));
+    assert!(lines.iter().filter(|l| l["code"] == "OK").all(|l| l.get("detail").is_none()));
+}
+
+/// Format 3: flipping the stated account on fill positions (xor 1 keeps A-F fill valid)
+/// no longer moves the PIN; format 1 and 3 sources leave their format only with the
+/// account change's permission; the hub still can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn format3_fill_flip_and_format1_binding_need_the_permission() {
+    vector_keys();
+    let srv = start("pin-fill-flip").await;
+    let switch = srv.clients("switch").await;
+    let hub = srv.clients("hub").await;
+    let pin = "4821";
+    // Nibble 8 is fill for a 4-digit PIN; PAN's digit there is 1, flipped to 0.
+    let flipped = alter_account(PAN, 8, 0);
+    let block = encode(PinBlockFormat::Iso3, pin, Some(PAN), Z_TDES);
+    assert_eq!(decode(PinBlockFormat::Iso3, &block, Some(&flipped), Z_TDES), Ok(pin.to_string()), "the fill flip decodes");
+    let p = epin(&block, PinBlockFormat::Iso3, pan(&flipped), zone_src(Z_TDES.name));
+    let r = translate_ok(&switch, treq(p.clone(), Z_TDES_B.name, PinBlockFormat::Iso3, None), "3 -> 3").await;
+    assert!(!r.account_changed);
+    assert_eq!(decode(PinBlockFormat::Iso3, &r.block, Some(PAN), Z_TDES_B), Ok(pin.to_string()));
+    // The clear block is the source's, bit for bit: still bound to the real account, the
+    // fill flip undone by nothing (a fresh block for the stated account would differ).
+    assert_eq!(Z_TDES_B.dec(&r.block), Z_TDES.dec(&block), "the clear block was rebuilt for the stated account");
+    for (dest, f) in [(Z_TDES_B, PinBlockFormat::Iso0), (Z_AES_B, PinBlockFormat::Iso4)] {
+        expect_code(translate(&switch, treq(p.clone(), dest.name, f, None)).await, Code::PermissionDenied, &["pin.change-account", "format 3"], &format!("3 -> {f:?}"));
+    }
+    // Format 1: no account; binding it to one is the hub's.
+    let b1 = encode(PinBlockFormat::Iso1, pin, None, Z_TDES);
+    let p1 = epin(&b1, PinBlockFormat::Iso1, None, zone_src(Z_TDES.name));
+    for (dest, f) in [(Z_TDES_B, PinBlockFormat::Iso0), (Z_TDES_B, PinBlockFormat::Iso3), (Z_AES_B, PinBlockFormat::Iso4)] {
+        let s = expect_code(translate(&switch, treq(p1.clone(), dest.name, f, pan(PAN))).await, Code::PermissionDenied, &["pin.change-account", "format 1", "no account"], &format!("1 -> {f:?}"));
+        assert!(!s.message().contains(PAN));
+        let r = translate_ok(&hub, treq(p1.clone(), dest.name, f, pan(PAN)), &format!("hub 1 -> {f:?}")).await;
+        assert_eq!(decode(f, &r.block, Some(PAN), dest), Ok(pin.to_string()));
+    }
+    let r = translate_ok(&switch, treq(p1, Z_TDES_B.name, PinBlockFormat::Iso1, None), "1 -> 1").await;
+    assert_eq!(decode(PinBlockFormat::Iso1, &r.block, None, Z_TDES_B), Ok(pin.to_string()));
+    let dir = srv.audit_dir.clone();
+    srv.stop().await;
+    let denied = rpc_lines(&dir).into_iter().filter(|l| l["action"].as_str().unwrap_or_default().ends_with("/TranslatePin") && l["code"] == "PERMISSION_DENIED").count();
+    assert_eq!(denied, 5);
+}
+
+/// A role's `rate_limits` bound its clients' TranslatePin calls (each call one guess).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn translate_pin_rate_limit_per_client() {
+    vector_keys();
+    let srv = start_with("pin-rate", |c| {
+        let mut role = (*c.roles["switch"]).clone();
+        role.rate_limits.insert("keyward.v1.PinService/TranslatePin".into(), keyward::config::RateLimit { per_minute: 1, burst: 2 });
+        c.roles.insert("switch".into(), std::sync::Arc::new(role));
+    })
+    .await;
+    let switch = srv.clients("switch").await;
+    let p = zpin(PinBlockFormat::Iso0, "4821", PAN, Z_TDES);
+    for _ in 0..2 {
+        translate_ok(&switch, treq(p.clone(), Z_TDES_B.name, PinBlockFormat::Iso0, None), "within the burst").await;
+    }
+    expect_code(translate(&switch, treq(p, Z_TDES_B.name, PinBlockFormat::Iso0, None)).await, Code::ResourceExhausted, &["rate limit", "TranslatePin"], "past the burst");
     srv.stop().await;
 }

@@ -96,6 +96,9 @@ pub struct Note {
     /// The answer of a verification call ("verdict=LOCKED", "matched=false"), so the
     /// trail shows guessing and lock-outs; never a value from the request.
     pub detail: Option<String>,
+    /// The detail of a call that fails (a lock-out, a failure count); never a value
+    /// from the request.
+    pub error_detail: Option<String>,
 }
 
 impl AppState {
@@ -125,7 +128,7 @@ impl AppState {
             Code::PermissionDenied | Code::Unauthenticated => "denied",
             _ => "error",
         };
-        let detail = note.detail;
+        let detail = if result.is_ok() { note.detail } else { note.error_detail };
         let mut ev = AuditEvent::rpc(
             &caller.identity,
             &caller.role.name,
@@ -137,7 +140,7 @@ impl AppState {
             &caller.request_id,
             note.subjects,
         );
-        if let (Some(d), Ok(_)) = (detail, &result) {
+        if let Some(d) = detail {
             ev = ev.with_detail(d);
         }
         caller.audited.store(true, Ordering::Release);

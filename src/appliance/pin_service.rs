@@ -1,15 +1,19 @@
 //! PinService: PIN block translation between zones (with the account change from
 //! phone number to bank account as a separate permission), DUKPT terminal sources,
+//! the lock against PIN-block oracles (decode failures counted per client),
 //! transaction-password verification data and checks, and terminal key export.
 //! Requests are decoded into typed values here; the clear PIN exists only inside
 //! the token job in `hsm::pin`.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tonic::{Request, Response, Status};
 
 use super::{key_ref, AppState, Caller, Error, Note};
 use crate::crypto::dukpt::{AesKsn, TdesKsn};
+use crate::config::PinConfig;
 use crate::crypto::pin::{Account, PinError, PinFormat};
 use crate::hsm::{self, Algorithm, DukptCache, KeyClass, KeyEntry, PinInput, PinSourceKey, PvMethod, VARIANT_SUFFIX};
 use crate::proto::pin_service_server::PinService;
@@ -30,6 +34,89 @@ pub const DUKPT_CACHE_TERMINALS: usize = 4096;
 /// The one answer for every PIN block that does not decode.
 fn bad_block() -> Error {
     Error::invalid("pin.block", hsm::Error::BadPinBlock.to_string())
+}
+
+/// Clients whose decode failures are remembered before idle ones are dropped.
+const MAX_TRACKED_CLIENTS: usize = 10_000;
+
+/// TranslatePin decode failures per client identity: a block that fails to decode
+/// after an account-dependent step may answer a PIN-block oracle's question, so
+/// `max_decode_failures` of them within `failure_window` lock the client out of
+/// TranslatePin for `lockout`.
+pub struct DecodeGuard {
+    config: PinConfig,
+    clients: Mutex<HashMap<String, Failures>>,
+}
+
+#[derive(Default)]
+struct Failures {
+    at: VecDeque<Instant>,
+    locked_until: Option<Instant>,
+}
+
+/// What one recorded failure did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    /// Failures within the window, this one included.
+    pub failures: u32,
+    /// Whether this failure locked the client.
+    pub locked: bool,
+}
+
+impl DecodeGuard {
+    pub fn new(config: PinConfig) -> DecodeGuard {
+        DecodeGuard { config, clients: Mutex::new(HashMap::new()) }
+    }
+
+    fn lock_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Failures>> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The time left of `client`'s lock-out, if it is locked at `now`.
+    pub fn locked_at(&self, client: &str, now: Instant) -> Option<Duration> {
+        let mut m = self.lock_map();
+        let f = m.get_mut(client)?;
+        match f.locked_until {
+            Some(until) if until > now => Some(until - now),
+            Some(_) => {
+                // The cool-down is over: the client starts afresh.
+                m.remove(client);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Counts one decode failure of `client` at `now`.
+    pub fn record_at(&self, client: &str, now: Instant) -> Recorded {
+        let mut m = self.lock_map();
+        if m.len() >= MAX_TRACKED_CLIENTS && !m.contains_key(client) {
+            let window = self.config.failure_window;
+            m.retain(|_, f| {
+                f.locked_until.is_some_and(|u| u > now) || f.at.back().is_some_and(|t| now.saturating_duration_since(*t) < window)
+            });
+        }
+        let f = m.entry(client.to_string()).or_default();
+        while f.at.front().is_some_and(|t| now.saturating_duration_since(*t) >= self.config.failure_window) {
+            f.at.pop_front();
+        }
+        f.at.push_back(now);
+        let failures = u32::try_from(f.at.len()).unwrap_or(u32::MAX);
+        let locked = f.locked_until.is_none() && failures >= self.config.max_decode_failures;
+        if locked {
+            f.locked_until = Some(now + self.config.lockout);
+        }
+        Recorded { failures, locked }
+    }
+
+    /// The audit detail of a client's failure count.
+    fn detail(&self, failures: u32, locked: bool) -> String {
+        if locked {
+            format!("pin-format-failures={failures} locked")
+        } else {
+            format!("pin-format-failures={failures}")
+        }
+    }
 }
 
 
@@ -134,11 +221,19 @@ impl Pvd {
 pub struct PinSvc {
     pub state: Arc<AppState>,
     pub cache: Arc<DukptCache>,
+    pub guard: Arc<DecodeGuard>,
+}
+
+/// How a translation ran: whether its decode depended on the stated account.
+#[derive(Default)]
+struct Path {
+    account_dependent: bool,
 }
 
 impl PinSvc {
     pub fn new(state: Arc<AppState>) -> PinSvc {
-        PinSvc { state, cache: Arc::new(DukptCache::new(DUKPT_CACHE_TERMINALS)) }
+        let guard = Arc::new(DecodeGuard::new(state.config.pin.clone()));
+        PinSvc { state, cache: Arc::new(DukptCache::new(DUKPT_CACHE_TERMINALS)), guard }
     }
 
     /// Decodes an encrypted PIN into a typed input: format, account, source key
@@ -209,7 +304,13 @@ impl PinSvc {
         key_ref(input.source.key())
     }
 
-    async fn translate_inner(&self, caller: &Caller, note: &mut Note, r: TranslatePinRequest) -> Result<TranslatePinResponse, Error> {
+    async fn translate_inner(
+        &self,
+        caller: &Caller,
+        note: &mut Note,
+        path: &mut Path,
+        r: TranslatePinRequest,
+    ) -> Result<TranslatePinResponse, Error> {
         let input = self.pin_input(caller, note, "pin", r.pin)?;
         let dest_format = format_of("destination_format", r.destination_format)?;
         if input.format.pan_bound() && !dest_format.pan_bound() {
@@ -217,6 +318,22 @@ impl PinSvc {
                 "destination_format",
                 "a PAN-bound block (format 0, 3 or 4) cannot be translated to format 1 (PCI PIN)",
             ));
+        }
+        let may_change = caller.role.has_permission(CHANGE_ACCOUNT);
+        // A format 1 block carries no account and a format 3 block's random fill does not
+        // pin the stated account: in another format the PIN would be bound to an account
+        // the caller chooses. The same format is re-enciphered as it is (below).
+        if matches!(input.format, PinFormat::Iso1 | PinFormat::Iso3) && dest_format != input.format && !may_change {
+            return Err(Error::PermissionDenied(format!(
+                "role {} may not translate a format {} block to another format (permission {CHANGE_ACCOUNT}): {}",
+                caller.role.name,
+                input.format.number(),
+                if input.format == PinFormat::Iso1 {
+                    "it carries no account, so the destination's would be the caller's choice"
+                } else {
+                    "its random fill does not pin the stated account, so the destination's would be the caller's choice"
+                }
+            )));
         }
         key_name("destination_key", &r.destination_key)?;
         caller.may_use_key(&r.destination_key)?;
@@ -249,7 +366,7 @@ impl PinSvc {
         } else {
             (None, false)
         };
-        if changed && !caller.role.has_permission(CHANGE_ACCOUNT) {
+        if changed && !may_change {
             return Err(Error::PermissionDenied(format!(
                 "role {} may not change the account field (permission {CHANGE_ACCOUNT})",
                 caller.role.name
@@ -257,12 +374,18 @@ impl PinSvc {
         }
         let source_key = Self::source_ref(&input);
         let dest_key = key_ref(&dest);
-        let block = self
-            .state
-            .hsm
-            .translate_pin(&self.cache, input, dest, dest_format, dest_account)
-            .await
-            .map_err(pin_error)?;
+        // Same format, same account, not format 4: the clear block is re-enciphered as it
+        // was, so the stated account can neither change nor probe anything.
+        let block = if dest_format == input.format && input.format != PinFormat::Iso4 && !changed {
+            self.state.hsm.recipher_pin(&self.cache, input, dest).await.map_err(pin_error)?
+        } else {
+            path.account_dependent = true;
+            self.state
+                .hsm
+                .translate_pin(&self.cache, input, dest, dest_format, dest_account)
+                .await
+                .map_err(pin_error)?
+        };
         Ok(TranslatePinResponse {
             block,
             format: wire_format(dest_format) as i32,
@@ -270,6 +393,39 @@ impl PinSvc {
             destination_key: Some(dest_key),
             account_changed: changed,
         })
+    }
+
+    /// TranslatePin behind the lock: a locked client is refused; a block that fails to
+    /// decode after an account-dependent step is counted, and the failure that reaches
+    /// the limit locks the client and raises the alarm.
+    async fn translate_guarded(&self, caller: &Caller, note: &mut Note, r: TranslatePinRequest) -> Result<TranslatePinResponse, Error> {
+        let limit = self.state.config.pin.max_decode_failures;
+        if let Some(left) = self.guard.locked_at(&caller.identity, Instant::now()) {
+            note.error_detail = Some(self.guard.detail(limit, true));
+            return Err(Error::ResourceExhausted(format!(
+                "TranslatePin refused to this client for {} more seconds: {limit} PIN blocks did not decode within {} seconds",
+                left.as_secs().max(1),
+                self.state.config.pin.failure_window.as_secs()
+            )));
+        }
+        let mut path = Path::default();
+        let r = self.translate_inner(caller, note, &mut path, r).await;
+        if path.account_dependent {
+            if let Err(Error::InvalidArgument { field: "pin.block", .. }) = &r {
+                let rec = self.guard.record_at(&caller.identity, Instant::now());
+                note.error_detail = Some(self.guard.detail(rec.failures, rec.locked));
+                if rec.locked {
+                    tracing::error!(
+                        client = %caller.identity,
+                        role = %caller.role.name,
+                        failures = rec.failures,
+                        lockout_secs = self.state.config.pin.lockout.as_secs(),
+                        "PIN blocks failing to decode after account-dependent steps (a PIN-block oracle probe?): TranslatePin locked for this client"
+                    );
+                }
+            }
+        }
+        r
     }
 
     fn method_of(m: i32, pvki: u32) -> Result<PvMethod, Error> {
@@ -443,7 +599,7 @@ impl PinService for PinSvc {
     async fn translate_pin(&self, req: Request<TranslatePinRequest>) -> Result<Response<TranslatePinResponse>, Status> {
         let caller = Caller::of(&req)?;
         let mut note = Note::default();
-        let r = self.state.within_deadline(&caller, self.translate_inner(&caller, &mut note, req.into_inner())).await;
+        let r = self.state.within_deadline(&caller, self.translate_guarded(&caller, &mut note, req.into_inner())).await;
         self.state.finish(&caller, note, r).await
     }
 
@@ -491,6 +647,41 @@ impl PinService for PinSvc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn guard(max: u32) -> DecodeGuard {
+        DecodeGuard::new(PinConfig {
+            max_decode_failures: max,
+            failure_window: Duration::from_secs(900),
+            lockout: Duration::from_secs(600),
+        })
+    }
+
+    #[test]
+    fn decode_failures_lock_a_client_within_the_window() {
+        let g = guard(3);
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        assert_eq!(g.record_at("a", t0), Recorded { failures: 1, locked: false });
+        assert_eq!(g.record_at("a", t0 + s(10)), Recorded { failures: 2, locked: false });
+        // Another client is counted apart.
+        assert_eq!(g.record_at("b", t0 + s(10)), Recorded { failures: 1, locked: false });
+        assert_eq!(g.locked_at("a", t0 + s(20)), None);
+        assert_eq!(g.record_at("a", t0 + s(20)), Recorded { failures: 3, locked: true });
+        assert_eq!(g.locked_at("a", t0 + s(20)), Some(s(600)));
+        assert_eq!(g.locked_at("a", t0 + s(619)), Some(s(1)));
+        assert_eq!(g.locked_at("b", t0 + s(20)), None);
+        // After the cool-down the client starts afresh.
+        assert_eq!(g.locked_at("a", t0 + s(620)), None);
+        assert_eq!(g.record_at("a", t0 + s(621)), Recorded { failures: 1, locked: false });
+        // Failures older than the window no longer count.
+        let g = guard(3);
+        g.record_at("c", t0);
+        g.record_at("c", t0 + s(100));
+        assert_eq!(g.record_at("c", t0 + s(900)), Recorded { failures: 2, locked: false });
+        assert_eq!(g.record_at("c", t0 + s(901)), Recorded { failures: 3, locked: true });
+        assert_eq!(g.detail(3, true), "pin-format-failures=3 locked");
+        assert_eq!(g.detail(1, false), "pin-format-failures=1");
+    }
 
     #[test]
     fn account_debug_is_redacted() {

@@ -432,6 +432,53 @@ fn parse_pin_field(format: PinFormat, field: &[u8]) -> Result<Pin, PinError> {
     Ok(Pin { digits })
 }
 
+/// A same-format translation that does not need the account (formats 0, 1 and 3):
+/// deciphers `block` with `decrypt`, checks only the fields that do not depend on the
+/// account, and enciphers the clear block exactly as it was with `encrypt`. Formats 0
+/// and 3: the account field's first four nibbles are zero, so the control nibble, the
+/// PIN length (4-12) and the first two PIN digits are checked; the rest stays bound to
+/// the block's own account, whatever account the caller states. Format 1 carries no
+/// account: every field is checked. The answer (a block or [`PinError::BadBlock`]) is
+/// the same whatever account a caller states. Format 4 needs the account to decipher
+/// and is [`PinError::Invalid`]. The clear block lives only in a zeroizing buffer.
+pub fn recipher<E: From<PinError>>(
+    format: PinFormat,
+    block: &[u8],
+    mut decrypt: impl FnMut(&mut [u8]) -> Result<(), E>,
+    mut encrypt: impl FnMut(&mut [u8]) -> Result<(), E>,
+) -> Result<Vec<u8>, E> {
+    if format == PinFormat::Iso4 {
+        return Err(invalid("a format 4 block cannot be re-enciphered without its account").into());
+    }
+    if block.len() != format.block_len() {
+        return Err(PinError::BadBlock.into());
+    }
+    let mut buf = Zeroizing::new(block.to_vec());
+    decrypt(&mut buf[..])?;
+    match format {
+        PinFormat::Iso1 => drop(parse_pin_field(format, &buf)?),
+        _ => check_account_free_fields(format, &buf)?,
+    }
+    encrypt(&mut buf[..])?;
+    Ok(buf.to_vec())
+}
+
+/// Format 0/3 clear block (PIN field xor account field): the nibbles the account
+/// field leaves alone (control, length, first two PIN digits), checked without
+/// returning early.
+fn check_account_free_fields(format: PinFormat, clear: &[u8]) -> Result<(), PinError> {
+    let n = usize::from(nibble(clear, 1));
+    let mut bad = nibble(clear, 0) != format.control();
+    bad |= !(MIN_PIN..=MAX_PIN).contains(&n);
+    bad |= nibble(clear, 2) > 9;
+    bad |= nibble(clear, 3) > 9;
+    if bad {
+        Err(PinError::BadBlock)
+    } else {
+        Ok(())
+    }
+}
+
 // ---------------------------------------------------------------------------
 // PIN verification methods
 // ---------------------------------------------------------------------------
@@ -898,6 +945,64 @@ mod tests {
         )
         .unwrap();
         assert_eq!(b1, b2);
+    }
+
+    /// A same-format re-encipherment keeps the block bound to its own account and checks
+    /// only what the account does not touch.
+    #[test]
+    fn recipher_keeps_the_clear_block_and_checks_account_free_fields() {
+        let key = tdes_key();
+        let dest = h("89ABCDEF0123456776543210FEDCBA9889ABCDEF01234567");
+        let pin = Pin::from_digits("482193").unwrap();
+        for format in [PinFormat::Iso0, PinFormat::Iso1, PinFormat::Iso3] {
+            let block = encipher(format, &pin, Some(&pan()), &RANDOM, ecb(Cipher::des_ede3_ecb(), &key, Mode::Encrypt)).unwrap();
+            let out = recipher(
+                format,
+                &block,
+                ecb(Cipher::des_ede3_ecb(), &key, Mode::Decrypt),
+                ecb(Cipher::des_ede3_ecb(), &dest, Mode::Encrypt),
+            )
+            .unwrap();
+            let back = decipher(format, &out, Some(&pan()), ecb(Cipher::des_ede3_ecb(), &dest, Mode::Decrypt)).unwrap();
+            assert_eq!(back.digits(), pin.digits(), "{format:?}");
+            if format != PinFormat::Iso1 {
+                // Still bound to the block's own account: another one does not give the PIN.
+                let other = decipher(format, &out, Some(&phone()), ecb(Cipher::des_ede3_ecb(), &dest, Mode::Decrypt));
+                assert!(other.map(|p| p.digits() != pin.digits()).unwrap_or(true), "{format:?}");
+            }
+        }
+        let identity = |b: &mut [u8]| -> Result<(), TestError> {
+            let _ = b;
+            Ok(())
+        };
+        let field = |hex: &str| xor_in_place_copy(&h(hex), &pan().format0_field());
+        let bad = TestError::Pin(PinError::BadBlock);
+        for (format, hex, what) in [
+            (PinFormat::Iso0, "141234FFFFFFFFFF", "control 1"),
+            (PinFormat::Iso0, "03123FFFFFFFFFFF", "length 3"),
+            (PinFormat::Iso0, "0D1234567890123F", "length 13"),
+            (PinFormat::Iso0, "04A234FFFFFFFFFF", "first digit A"),
+            (PinFormat::Iso0, "041F34FFFFFFFFFF", "second digit F"),
+            (PinFormat::Iso3, "041234ABCDEFABCD", "control 0 in format 3"),
+        ] {
+            assert_eq!(recipher(format, &field(hex), identity, identity).unwrap_err(), bad, "{what}");
+        }
+        assert_eq!(recipher(PinFormat::Iso1, &h("041234FFFFFFFFFF"), identity, identity).unwrap_err(), bad);
+        assert_eq!(recipher(PinFormat::Iso1, &h("14123F0123456789"), identity, identity).unwrap_err(), bad);
+        assert_eq!(recipher(PinFormat::Iso0, &h("041234FFFFFFFF"), identity, identity).unwrap_err(), bad);
+        // What depends on the account is left to the destination: it passes unchanged.
+        let loose = field("04123AFFFFFFFFFE");
+        assert_eq!(recipher(PinFormat::Iso0, &loose, identity, identity).unwrap(), loose);
+        assert!(matches!(
+            recipher(PinFormat::Iso4, &[0u8; 16], identity, identity),
+            Err(TestError::Pin(PinError::Invalid(_)))
+        ));
+    }
+
+    fn xor_in_place_copy(a: &[u8], b: &[u8]) -> Vec<u8> {
+        let mut v = a.to_vec();
+        xor_in_place(&mut v, b);
+        v
     }
 
     #[test]

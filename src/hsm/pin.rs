@@ -272,34 +272,45 @@ impl Hsm {
     /// The clear PIN of `input`. Runs inside a token job; for AES-128 DUKPT sources
     /// `s` must be the anchor session (the cache's objects belong to it).
     fn decipher_in(&self, s: &Session, cat: &Catalogue, cache: &DukptCache, input: &PinInput) -> Result<Pin> {
-        match &input.source {
+        self.with_source_cipher(s, cat, cache, &input.source, |decrypt| {
+            pin::decipher(input.format, &input.block, input.account.as_ref(), decrypt)
+        })
+    }
+
+    /// Runs `f` with the one-block decryption of `source` (a zone key, or the PIN working
+    /// key of a DUKPT transaction). Inside a token job; for AES-128 DUKPT sources `s`
+    /// must be the anchor session. A working key made in the token is destroyed after.
+    fn with_source_cipher<T>(
+        &self,
+        s: &Session,
+        cat: &Catalogue,
+        cache: &DukptCache,
+        source: &PinSourceKey,
+        f: impl FnOnce(&mut dyn FnMut(&mut [u8]) -> Result<()>) -> Result<T>,
+    ) -> Result<T> {
+        match source {
             PinSourceKey::Zone(k) => {
                 let e = cat.handles_of(k)?;
                 let mech = ecb_mechanism(e.meta.algorithm)?;
-                pin::decipher(input.format, &input.block, input.account.as_ref(), |b: &mut [u8]| {
-                    token_cipher(s, &mech, e.handle, false, b)
-                })
+                f(&mut |b: &mut [u8]| token_cipher(s, &mech, e.handle, false, b))
             }
             PinSourceKey::AesDukpt { bdk, ksn } => {
                 let e = cat.handles_of(bdk)?;
                 match e.meta.algorithm {
                     Algorithm::Aes128 => {
                         let working = self.aes128_working_key(s, cat, cache, e, ksn)?;
-                        let r = pin::decipher(input.format, &input.block, input.account.as_ref(), |b: &mut [u8]| {
-                            token_cipher(s, &Mechanism::AesEcb, working, false, b)
-                        });
+                        let r = f(&mut |b: &mut [u8]| token_cipher(s, &Mechanism::AesEcb, working, false, b));
                         destroy_if_present(s, working)?;
                         r
                     }
                     Algorithm::Aes256 => {
+                        // AES-256 BDK: the PIN working key is an AES-256 key (32 bytes).
                         let ik = aes256_initial_key(s, e.handle, &ksn.initial_key_id())?;
                         let tk = dukpt::aes_transaction_key(&ik, AesKeyType::Aes256, ksn)
                             .map_err(|err| Error::Token { op: "dukpt", rv: err.to_string() })?;
                         let wk = dukpt::aes_working_key(&tk, AesKeyType::Aes256, KeyUsage::PinEncryption, ksn)
                             .map_err(|err| Error::Token { op: "dukpt", rv: err.to_string() })?;
-                        pin::decipher(input.format, &input.block, input.account.as_ref(), |b: &mut [u8]| {
-                            soft_ecb(Cipher::aes_256_ecb(), &wk, Mode::Decrypt, b)
-                        })
+                        f(&mut |b: &mut [u8]| soft_ecb(Cipher::aes_256_ecb(), &wk, Mode::Decrypt, b))
                     }
                     other => Err(Error::KeyUsage { key: e.key_ref(), reason: format!("{other} is not an AES DUKPT BDK") }),
                 }
@@ -311,9 +322,7 @@ impl Hsm {
                 let pin_key = dukpt::tdes_pin_key(&ipek, ksn)
                     .map_err(|err| Error::Token { op: "dukpt", rv: err.to_string() })?;
                 let key = tdes_ede3_key(&pin_key);
-                pin::decipher(input.format, &input.block, input.account.as_ref(), |b: &mut [u8]| {
-                    soft_ecb(Cipher::des_ede3(), &key[..], Mode::Decrypt, b)
-                })
+                f(&mut |b: &mut [u8]| soft_ecb(Cipher::des_ede3(), &key[..], Mode::Decrypt, b))
             }
         }
     }
@@ -418,6 +427,32 @@ impl Hsm {
             })
         })
         .await
+    }
+
+    /// Same-format translation without the account (formats 0, 1, 3): deciphers the
+    /// block of `input`, checks the fields that do not depend on the account
+    /// ([`pin::recipher`]) and enciphers the clear block, unchanged, under `dest`. The
+    /// account `input` states is not used: the block stays bound to its own.
+    pub async fn recipher_pin(&self, cache: &Arc<DukptCache>, input: PinInput, dest: Arc<KeyEntry>) -> Result<Vec<u8>> {
+        if !format_matches(input.format, dest.meta.algorithm) {
+            return Err(Error::InvalidInput("destination format does not match the destination key".into()));
+        }
+        let anchor = input.source.needs_anchor();
+        let this = self.clone();
+        let cache = Arc::clone(cache);
+        let input = Arc::new(input);
+        let job = move |s: &Session, cat: &Catalogue| {
+            let e = cat.handles_of(&dest)?;
+            let mech = ecb_mechanism(e.meta.algorithm)?;
+            this.with_source_cipher(s, cat, &cache, &input.source, |decrypt| {
+                pin::recipher(input.format, &input.block, decrypt, |b: &mut [u8]| token_cipher(s, &mech, e.handle, true, b))
+            })
+        };
+        if anchor {
+            self.call_anchor(job).await
+        } else {
+            self.call(job).await
+        }
     }
 
     /// Verification data value for the PIN of `input` (not yet wrapped in the
