@@ -252,6 +252,12 @@ struct RawAudit {
     dir: String,
     #[serde(default = "default_checkpoint")]
     checkpoint_every: u64,
+    #[serde(default = "default_checkpoint_seconds")]
+    checkpoint_seconds: u64,
+}
+
+fn default_checkpoint_seconds() -> u64 {
+    10
 }
 
 fn default_checkpoint() -> u64 {
@@ -364,6 +370,8 @@ pub struct Limits {
 pub struct AuditConfig {
     pub dir: PathBuf,
     pub checkpoint_every: u64,
+    /// A checkpoint at most this long after a line no checkpoint covers yet (1 s - 1 h).
+    pub checkpoint_interval: Duration,
 }
 
 /// What one role may call, and with which keys.
@@ -634,6 +642,9 @@ impl Config {
         if raw.audit.checkpoint_every == 0 {
             c.errors.push("audit.checkpoint_every: must be at least 1".into());
         }
+        if !(1..=3600).contains(&raw.audit.checkpoint_seconds) {
+            c.errors.push("audit.checkpoint_seconds: must be 1 to 3600".into());
+        }
 
         let mut roles = BTreeMap::new();
         for (name, r) in &raw.roles {
@@ -731,7 +742,11 @@ impl Config {
                         max_pending_handshakes: l.max_pending_handshakes,
                         max_pending_handshakes_per_source: l.max_pending_handshakes_per_source,
                     },
-                    audit: AuditConfig { dir, checkpoint_every: raw.audit.checkpoint_every },
+                    audit: AuditConfig {
+                        dir,
+                        checkpoint_every: raw.audit.checkpoint_every,
+                        checkpoint_interval: Duration::from_secs(raw.audit.checkpoint_seconds),
+                    },
                     otp: OtpConfig { max_attempts: raw.otp.max_attempts, max_open_challenges: raw.otp.max_open_challenges },
                     ecash: EcashConfig {
                         max_batch: e.max_batch,

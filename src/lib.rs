@@ -95,8 +95,17 @@ pub fn audit_verify(
     dir: &Path,
     public_key: Option<&Path>,
     checkpoints: Option<&Path>,
+    expect_head: Option<&str>,
+    allow_empty: bool,
     token: &ceremony::TokenArgs,
 ) -> ExitCode {
+    let expect_head = match expect_head.map(appliance::audit::parse_head_arg).transpose() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("--expect-head: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let pk_der = match public_key {
         Some(p) => match std::fs::read(p)
             .map_err(|e| e.to_string())
@@ -123,7 +132,13 @@ pub fn audit_verify(
         }
     };
     let keys = appliance::audit_keys::TokenAuditKeys::new(hsm);
-    match appliance::audit::verify_dir(dir, &keys, pk_der.as_deref(), checkpoints) {
+    let opts = appliance::audit::VerifyOptions {
+        public_key_der: pk_der.as_deref(),
+        checkpoints_file: checkpoints,
+        expect_head,
+        allow_empty,
+    };
+    match appliance::audit::verify_dir_with(dir, &keys, &opts) {
         Ok(report) => {
             println!(
                 "intact: {} line(s) in {} file(s), {} signed checkpoint(s) ({} in the shipped copy), last seq {}, head {}",
@@ -134,13 +149,23 @@ pub fn audit_verify(
                 report.last_seq,
                 report.head
             );
+            if let Some((seq, _)) = expect_head {
+                println!("expected head seq {seq} found");
+            }
             if let Some(t) = report.torn_tail {
                 println!("note: {t}");
             }
             ExitCode::SUCCESS
         }
         Err(failure) => {
-            println!("TAMPERED: {failure}");
+            match failure.kind {
+                appliance::audit::FailureKind::Empty => println!("REFUSED: {failure} (--allow-empty accepts it)"),
+                appliance::audit::FailureKind::Unreadable => {
+                    println!("NOT CHECKED: {failure}");
+                    return ExitCode::from(2);
+                }
+                _ => println!("TAMPERED: {failure}"),
+            }
             ExitCode::from(1)
         }
     }

@@ -73,6 +73,15 @@ enum AuditCmd {
         /// Checkpoint copy kept elsewhere (default: DIR/checkpoints.jsonl).
         #[arg(long)]
         checkpoints: Option<PathBuf>,
+        /// A chain head seen earlier, as SEQ:HASH (AdminService.GetStatus, or the log):
+        /// the trail must still hold that line, so lines after the last checkpoint
+        /// cannot be dropped unnoticed.
+        #[arg(long, value_name = "SEQ:HASH")]
+        expect_head: Option<String>,
+        /// Accept a directory without any audit line (refused by default: an empty
+        /// directory is more likely a wrong path or a deleted trail).
+        #[arg(long)]
+        allow_empty: bool,
         #[command(flatten)]
         token: TokenArgs,
     },
@@ -126,8 +135,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Audit { cmd: AuditCmd::Verify { dir, public_key, checkpoints, token } } => {
-            keyward::audit_verify(&dir, public_key.as_deref(), checkpoints.as_deref(), &token)
+        Cmd::Audit { cmd: AuditCmd::Verify { dir, public_key, checkpoints, expect_head, allow_empty, token } } => {
+            keyward::audit_verify(&dir, public_key.as_deref(), checkpoints.as_deref(), expect_head.as_deref(), allow_empty, &token)
         }
         Cmd::DevPki { dir, clients, server_names } => {
             let mut opts = keyward::pki::DevPkiOptions::default();

@@ -578,3 +578,149 @@ async fn oversized_message_is_refused_and_audited() {
     let lines = rpc_lines(&dir);
     assert_eq!(lines.len(), 3, "3 calls, audit lines: {:?}", lines.iter().map(|l| l["code"].clone()).collect::<Vec<_>>());
 }
+
+/// The trail's directory is 0700 and every file in it 0600.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_directory_and_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let srv = start_with("private", |c| c.audit.checkpoint_every = 2).await;
+    let hub = srv.clients("hub").await;
+    for _ in 0..3 {
+        hub.admin.clone().ping(PingRequest::default()).await.expect("ping");
+    }
+    let dir = srv.audit_dir.clone();
+    srv.stop().await;
+    let mode = |p: &Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "audit directory");
+    let mut files = 0;
+    for e in std::fs::read_dir(&dir).expect("read dir").flatten() {
+        assert_eq!(mode(&e.path()), 0o600, "{}", e.path().display());
+        files += 1;
+    }
+    assert!(files >= 3, "daily file, checkpoint copy and lock file expected, found {files}");
+}
+
+/// A directory without any audit line is not "intact": refused unless asked.
+#[test]
+fn verify_refuses_an_empty_directory_unless_asked() {
+    let empty = fresh_dir("empty-trail");
+    let (code, out) = cli_verify(&empty);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("REFUSED") && out.contains("empty"), "{out}");
+    let cfg = fixture().prepared.config.to_string_lossy().into_owned();
+    let mut cmd = keyward_cli();
+    cmd.arg("audit").arg("verify").arg(&empty).args(["--config", &cfg, "--allow-empty"]);
+    let out = {
+        let _g = token_write();
+        run_cli(cmd, b"")
+    };
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    // A path that is not a directory cannot be checked at all.
+    let (code, out) = cli_verify(&empty.join("missing"));
+    assert_eq!(code, 2, "{out}");
+}
+
+/// A line written while the appliance is idle gets a signed checkpoint within
+/// `checkpoint_interval`, without a shutdown; lines after the last checkpoint are
+/// anchored by the head GetStatus answers: dropping them from the trail and the
+/// shipped copy alike verifies as intact without it and as truncated with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_checkpoints_and_the_expected_head_catch_truncation() {
+    use keyward::appliance::audit::{parse_head_arg, verify_dir, verify_dir_with, FailureKind, VerifyOptions};
+    use keyward::appliance::audit_keys::TokenAuditKeys;
+    use keyward::proto::GetStatusRequest;
+    let srv = start_with("timed-cp", |c| c.audit.checkpoint_interval = Duration::from_secs(1)).await;
+    let hub = srv.clients("hub").await;
+    let admin = srv.clients("admin").await;
+    hub.admin.clone().ping(PingRequest::default()).await.expect("ping");
+    let dir = srv.audit_dir.clone();
+    let ping_seq = rpc_lines(&dir).last().and_then(|l| l["seq"].as_u64()).expect("the ping's line");
+    let copy = dir.join("checkpoints.jsonl");
+    let covered = eventually(5, || {
+        let copy = copy.clone();
+        async move {
+            std::fs::read_to_string(&copy).unwrap_or_default().lines().any(|l| {
+                serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["seq"].as_u64()).is_some_and(|s| s > ping_seq)
+            })
+        }
+    })
+    .await;
+    assert!(covered, "no checkpoint after the ping's line within the interval (without a shutdown)");
+    let st = admin.admin.clone().get_status(GetStatusRequest {}).await.expect("status").into_inner();
+    assert!(st.serving && st.audit_healthy && st.token_attached, "{st:?}");
+    assert!(st.audit_checkpoint_seq > ping_seq, "{st:?}");
+    assert_eq!(st.audit_head_hash.len(), 32);
+    assert_eq!(st.audit_head, format!("{}:{}", st.audit_head_seq, hex::encode(&st.audit_head_hash)));
+
+    // Calls after that checkpoint, then the head a monitor keeps.
+    for _ in 0..5 {
+        hub.admin.clone().ping(PingRequest::default()).await.expect("ping");
+    }
+    let st = admin.admin.clone().get_status(GetStatusRequest {}).await.expect("status").into_inner();
+    let head = parse_head_arg(&st.audit_head).expect("head parses");
+    let hsm = srv.hsm.clone();
+    srv.stop().await;
+    let keys = TokenAuditKeys::new(hsm);
+    let intact = verify_dir_with(&dir, &keys, &VerifyOptions { expect_head: Some(head), ..VerifyOptions::default() })
+        .expect("the whole trail holds the head");
+    assert!(intact.last_seq > head.0);
+    let wrong = (head.0, [0u8; 32]);
+    let f = verify_dir_with(&dir, &keys, &VerifyOptions { expect_head: Some(wrong), ..VerifyOptions::default() })
+        .expect_err("another hash at the head's seq");
+    assert_eq!(f.kind, FailureKind::Edited, "{f}");
+
+    // The truncation a kill -9 makes possible: the newest lines leave the trail and the
+    // shipped copy together, down to before the head.
+    if audit_files(&dir).len() != 1 {
+        eprintln!("skipping the truncation: the trail spans {} daily files", audit_files(&dir).len());
+        return;
+    }
+    let cut = copy_trail(&dir, "timed-cp-cut");
+    let (f, lines) = the_file(&cut);
+    let seq_of = |l: &str| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["seq"].as_u64()).unwrap_or(0);
+    let kept: Vec<String> = lines.into_iter().filter(|l| seq_of(l) < head.0).collect();
+    let last = kept.last().map(|l| seq_of(l)).unwrap_or(0);
+    write_lines(&f, &kept);
+    let shipped = cut.join("checkpoints.jsonl");
+    let cps: Vec<String> =
+        std::fs::read_to_string(&shipped).expect("copy").lines().filter(|l| seq_of(l) <= last).map(str::to_string).collect();
+    write_lines(&shipped, &cps);
+    verify_dir(&cut, &keys, None, None).expect("without the head, the cut trail looks intact");
+    let f = verify_dir_with(&cut, &keys, &VerifyOptions { expect_head: Some(head), ..VerifyOptions::default() })
+        .expect_err("the head is gone");
+    assert_eq!(f.kind, FailureKind::Truncated, "{f}");
+    // The CLI says the same.
+    let cfg = fixture().prepared.config.to_string_lossy().into_owned();
+    let mut cmd = keyward_cli();
+    cmd.arg("audit").arg("verify").arg(&cut).args(["--config", &cfg, "--expect-head", &st.audit_head]);
+    let out = {
+        let _g = token_write();
+        run_cli(cmd, b"")
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("truncated") && text.contains("expected head"), "{text}");
+}
+
+/// The audit directory moved away (nothing in its place) and back: calls fail closed
+/// meanwhile, and health returns to SERVING by itself afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_returns_after_the_directory_is_moved_away_and_back() {
+    let srv = start("moved-back").await;
+    let hub = srv.clients("hub").await;
+    let dir = srv.audit_dir.clone();
+    let away = dir.with_extension("away");
+    std::fs::rename(&dir, &away).expect("move away");
+    let s = hub.admin.clone().ping(PingRequest::default()).await.expect_err("ping while the trail is away");
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    let down = eventually(5, || async { health_of(&srv).await == Some(ServingStatus::NotServing as i32) }).await;
+    assert!(down, "health does not report NOT_SERVING while the directory is away");
+    std::fs::rename(&away, &dir).expect("move back");
+    let serving = eventually(5, || async { health_of(&srv).await == Some(ServingStatus::Serving as i32) }).await;
+    let first = hub.admin.clone().ping(PingRequest::default()).await.map(|_| ()).map_err(|s| s.code());
+    let hsm = srv.hsm.clone();
+    srv.stop().await;
+    assert!(serving, "health stays NOT_SERVING after the directory came back");
+    assert_eq!(first, Ok(()));
+    verify_trail(&dir, &hsm);
+}

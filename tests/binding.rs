@@ -871,6 +871,51 @@ fn config_refuses_masked_role_with_blind_index() {
     }
 }
 
+/// A client hammering a limited RPC costs at most a couple of audit lines per second:
+/// the first refusal of each second has its own line, the rest one line with their
+/// count, and the counts add up to every refusal the client got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_refusals_share_one_audit_line_per_second() {
+    let _k = stable_keys();
+    let limit = RateLimit { per_minute: 1, burst: 1 };
+    let srv = start_with("rate-agg", |c| {
+        edit_role(c, "lookup", |r| {
+            r.rate_limits.insert(INDEX_RPC.into(), limit);
+        });
+    })
+    .await;
+    let lookup = srv.clients("lookup").await;
+    index_ok(&lookup, PHONE_E164).await;
+    let mut refused = 0u64;
+    for _ in 0..300 {
+        let st = index(&lookup, PHONE_E164).await.expect_err("over the limit");
+        assert_eq!(st.code(), Code::ResourceExhausted, "{:?}", st.message());
+        refused += 1;
+    }
+    let audit = srv.audit_dir.clone();
+    srv.stop().await;
+    let lines: Vec<_> = lines_of(&audit, INDEX_RPC).into_iter().filter(|l| l["code"] == "RESOURCE_EXHAUSTED").collect();
+    let mut own = 0u64;
+    let mut aggregated = 0u64;
+    let mut agg_lines = 0u64;
+    for l in &lines {
+        assert_eq!(l["outcome"], "denied", "{l}");
+        assert!(l["client"].as_str().unwrap_or_default().ends_with("/lookup"), "{l}");
+        match l["detail"].as_str() {
+            Some(d) => {
+                let n: u64 = d.split(' ').next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("count in {d:?}"));
+                assert!(d.contains("aggregated"), "{d}");
+                aggregated += n;
+                agg_lines += 1;
+            }
+            None => own += 1,
+        }
+    }
+    assert_eq!(own + aggregated, refused, "every refusal is counted once: {lines:?}");
+    assert!(agg_lines >= 1, "no aggregated line");
+    assert!(own + agg_lines < refused / 4, "{} lines for {refused} refusals", own + agg_lines);
+}
+
 /// Per-client limits: the call after the burst is RESOURCE_EXHAUSTED and audited as
 /// such; another client is unaffected. Unconfigured roles get the default limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

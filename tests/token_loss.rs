@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use keyward::proto::{DecryptRequest, EncryptRequest};
+use keyward::proto::{DecryptRequest, EncryptRequest, GetStatusRequest};
 use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -70,5 +70,53 @@ async fn missing_token_is_unavailable_until_it_is_back() {
         .expect("data from before the loss decrypts")
         .into_inner();
     assert_eq!(old.plaintext, b"before");
+
+    // A different token under the same label and PIN (a re-initialised or substituted
+    // token): its serial differs from the one first attached, so it is refused with an
+    // alarm, calls get UNAVAILABLE and health says NOT_SERVING, without any call
+    // needed to notice the loss (the appliance probes the token).
+    let admin = srv.clients("admin").await;
+    let first = admin.admin.clone().get_status(GetStatusRequest {}).await.expect("status").into_inner();
+    assert!(!first.token_serial.is_empty() && first.token_refused.is_empty(), "{first:?}");
+    std::fs::rename(&tokens, &away).expect("move the token away again");
+    std::fs::create_dir(&tokens).expect("empty token directory");
+    let user_pin = std::fs::read_to_string(fixture().prepared.dir.join("user.pin")).expect("user PIN file");
+    let init = std::process::Command::new("softhsm2-util")
+        .args(["--init-token", "--free", "--label", srv.hsm.token_label(), "--so-pin", "impostor-so-pin", "--pin"])
+        .arg(user_pin.trim())
+        .output()
+        .expect("softhsm2-util");
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    srv.hsm.close_all_sessions_for_test();
+    let not_serving = eventually(15, || {
+        let mut h = health.clone();
+        async move {
+            matches!(h.check(HealthCheckRequest { service: String::new() }).await,
+                Ok(r) if r.get_ref().status == ServingStatus::NotServing as i32)
+        }
+    })
+    .await;
+    assert!(not_serving, "health must report NOT_SERVING with another token attached, before any call");
+    let status = hub.data.clone().encrypt(enc(b"impostor")).await.expect_err("no calls on another token");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(!srv.hsm.is_live());
+    let refused = srv.hsm.identity().refused.unwrap_or_default();
+    assert!(refused.contains("serial number") && refused.contains(&first.token_serial), "{refused}");
+
+    // The real token back: attached again, the same serial.
+    std::fs::remove_dir_all(&tokens).expect("remove the impostor");
+    std::fs::rename(&away, &tokens).expect("bring the token back");
+    let serving = eventually(15, || {
+        let mut h = health.clone();
+        async move {
+            matches!(h.check(HealthCheckRequest { service: String::new() }).await,
+                Ok(r) if r.get_ref().status == ServingStatus::Serving as i32)
+        }
+    })
+    .await;
+    assert!(serving, "health must report SERVING once the right token is back");
+    let again = admin.admin.clone().get_status(GetStatusRequest {}).await.expect("status").into_inner();
+    assert_eq!((again.token_serial.as_str(), again.token_refused.as_str()), (first.token_serial.as_str(), ""));
+    hub.data.clone().encrypt(enc(b"after")).await.expect("encrypt on the right token");
     srv.stop().await;
 }

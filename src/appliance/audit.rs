@@ -22,10 +22,15 @@
 //! `audit.sign` key over SHA-256 of
 //! `"keyward/v1/audit-checkpoint" || 0x00 || u64be(seq) || head` where `seq` is the
 //! checkpoint line's own `seq`. Checkpoints are written every
-//! [`AuditOptions::checkpoint_every`] lines, as the first line of each new day and at
+//! [`AuditOptions::checkpoint_every`] lines, at most [`AuditOptions::checkpoint_interval`]
+//! after any line that no checkpoint covers yet, as the first line of each new day and at
 //! shutdown, and each is also appended to `DIR/checkpoints.jsonl`, the copy to ship
 //! elsewhere: the HMAC chain stops edits by anyone without the token, the shipped
-//! checkpoints stop truncation and rewriting by a holder of the user PIN.
+//! checkpoints stop truncation and rewriting by a holder of the user PIN. Lines after
+//! the last checkpoint are anchored by the chain head ([`AuditTrail::head`]) a monitor
+//! keeps and hands back to the verifier ([`VerifyOptions::expect_head`]).
+//!
+//! The directory is made 0700 and every file in it 0600.
 //!
 //! # Writing
 //!
@@ -43,9 +48,11 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use openssl::bn::{BigNum, BigNumContext};
 use openssl::ec::{EcGroup, EcKey};
@@ -548,6 +555,8 @@ fn normalise_low_s(raw: &[u8]) -> Result<[u8; 64], AuditError> {
 pub struct AuditOptions {
     /// A checkpoint after this many lines (default 1000).
     pub checkpoint_every: u64,
+    /// A checkpoint at most this long after a line no checkpoint covers (default 10 s).
+    pub checkpoint_interval: Duration,
     /// Most events written per group commit (default 512).
     pub max_batch: usize,
     /// Who writes, e.g. `appliance` or `ceremony`; the `client` of start, stop and
@@ -557,7 +566,12 @@ pub struct AuditOptions {
 
 impl Default for AuditOptions {
     fn default() -> Self {
-        AuditOptions { checkpoint_every: 1000, max_batch: 512, writer_name: "appliance".to_string() }
+        AuditOptions {
+            checkpoint_every: 1000,
+            checkpoint_interval: Duration::from_secs(10),
+            max_batch: 512,
+            writer_name: "appliance".to_string(),
+        }
     }
 }
 
@@ -592,6 +606,44 @@ enum Msg {
 struct Shared {
     healthy: AtomicBool,
     closed: AtomicBool,
+    /// The chain head after the last good batch.
+    head: Mutex<ChainHead>,
+}
+
+/// The newest line of the chain as written: a monitor that keeps it can later prove,
+/// with `keyward audit verify --expect-head SEQ:HASH`, that the trail still holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainHead {
+    /// Seq of the newest line (0 before the first).
+    pub seq: u64,
+    /// Its hash.
+    pub hash: [u8; 32],
+    /// Seq of the newest checkpoint line (0 if none written by this writer yet).
+    pub checkpoint_seq: u64,
+}
+
+impl ChainHead {
+    /// `SEQ:HASH`, the form `--expect-head` takes.
+    pub fn to_arg(&self) -> String {
+        format!("{}:{}", self.seq, hex::encode(self.hash))
+    }
+}
+
+/// Parses `SEQ:HASH` (decimal seq, 64 hex digits).
+pub fn parse_head_arg(s: &str) -> Result<(u64, [u8; 32]), String> {
+    let (seq, hash) = s.split_once(':').ok_or("expected SEQ:HASH (e.g. 1234:9f86d0...)")?;
+    let seq: u64 = seq.parse().map_err(|_| format!("seq {seq:?} is not a decimal number"))?;
+    if seq == 0 {
+        return Err("seq must be at least 1".into());
+    }
+    let hash = parse_hex32(hash).ok_or("hash must be 64 hex digits")?;
+    Ok((seq, hash))
+}
+
+/// Sets `path`'s mode (the audit directory 0700, its files 0600).
+fn restrict(path: &Path, mode: u32) -> Result<(), AuditError> {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(|e| AuditError::io(format!("setting mode {mode:o} on {}", path.display()), e))
 }
 
 /// The audit trail writer: a handle to the sequencer thread. Share it with `Arc`.
@@ -620,15 +672,27 @@ impl AuditTrail {
             return Err(AuditError::Invalid("checkpoint_every and max_batch must be at least 1".into()));
         }
         fs::create_dir_all(dir).map_err(|e| AuditError::io("creating the audit directory", e))?;
-        let shared = Arc::new(Shared { healthy: AtomicBool::new(false), closed: AtomicBool::new(false) });
+        restrict(dir, 0o700)?;
+        for (_, path) in list_audit_files(dir).map_err(|e| AuditError::io("listing the audit directory", e))? {
+            restrict(&path, 0o600)?;
+        }
+        if dir.join(CHECKPOINTS_FILE).is_file() {
+            restrict(&dir.join(CHECKPOINTS_FILE), 0o600)?;
+        }
+        let shared = Arc::new(Shared {
+            healthy: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            head: Mutex::new(ChainHead { seq: 0, hash: GENESIS_HASH, checkpoint_seq: 0 }),
+        });
         let sequencer = Sequencer {
             dir: dir.to_path_buf(),
             keys,
             opts,
             shared: Arc::clone(&shared),
             appender: None,
-            state: ChainState { seq: 0, hash: GENESIS_HASH, day: None, since_checkpoint: 0 },
+            state: ChainState { seq: 0, hash: GENESIS_HASH, day: None, since_checkpoint: 0, checkpoint_seq: 0 },
             synced: None,
+            last_checkpoint: Instant::now(),
         };
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
@@ -653,6 +717,11 @@ impl AuditTrail {
     /// appliance reports NOT_SERVING and refuses calls while this is false.
     pub fn healthy(&self) -> bool {
         self.shared.healthy.load(Ordering::Acquire)
+    }
+
+    /// The chain head after the last batch written.
+    pub fn head(&self) -> ChainHead {
+        *self.shared.head.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn submit(&self, mut ev: AuditEvent, reply: Reply) -> Result<(), AuditError> {
@@ -718,6 +787,8 @@ struct ChainState {
     day: Option<String>,
     /// Lines this writer wrote since its last checkpoint.
     since_checkpoint: u64,
+    /// Seq of this writer's last checkpoint.
+    checkpoint_seq: u64,
 }
 
 /// The newest daily file and its length.
@@ -747,6 +818,8 @@ struct Sequencer {
     /// The newest file as this writer left it after its last good batch; any other state
     /// found under the lock means the chain head must be re-read.
     synced: Option<FileMark>,
+    /// When this writer last wrote a checkpoint (or started).
+    last_checkpoint: Instant,
 }
 
 impl Sequencer {
@@ -770,9 +843,24 @@ impl Sequencer {
             return;
         }
         loop {
-            let first = match rx.recv() {
+            // With lines no checkpoint covers, wait no longer than until one is due.
+            let received = if self.state.since_checkpoint > 0 {
+                let due = self.opts.checkpoint_interval.saturating_sub(self.last_checkpoint.elapsed());
+                rx.recv_timeout(due)
+            } else {
+                rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+            };
+            let first = match received {
                 Ok(m) => m,
-                Err(_) => {
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Idle with uncovered lines: the timed checkpoint (try_commit adds it).
+                    if self.commit(&mut [], false, false).is_err() {
+                        // Retry one interval later, not in a loop.
+                        self.last_checkpoint = Instant::now();
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
                     // Every handle is gone without a shutdown: close the trail anyway.
                     let _ = self.close();
                     break;
@@ -840,7 +928,14 @@ impl Sequencer {
     ) -> Result<Vec<u64>, AuditError> {
         let result = self.try_commit(events, notes_into_first, final_checkpoint);
         match &result {
-            Ok(_) => self.shared.healthy.store(true, Ordering::Release),
+            Ok(_) => {
+                *self.shared.head.lock().unwrap_or_else(|p| p.into_inner()) = ChainHead {
+                    seq: self.state.seq,
+                    hash: self.state.hash,
+                    checkpoint_seq: self.state.checkpoint_seq,
+                };
+                self.shared.healthy.store(true, Ordering::Release)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "audit: batch failed; the trail is unhealthy");
                 self.shared.healthy.store(false, Ordering::Release);
@@ -898,7 +993,8 @@ impl Sequencer {
         for ev in events.iter() {
             seqs.push(self.append_event(&mut st, &mut out, ev)?);
         }
-        if final_checkpoint {
+        let timed = st.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval;
+        if final_checkpoint || timed {
             let (ts, day) = utc_stamp();
             self.append_checkpoint(&mut st, &mut out, &ts, &day)?;
         }
@@ -917,6 +1013,7 @@ impl Sequencer {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(self.dir.join(LOCK_FILE))
             .map_err(|e| AuditError::io("opening the audit lock file", e))?;
         f.lock().map_err(|e| AuditError::io("locking the audit directory", e))?;
@@ -958,6 +1055,8 @@ impl Sequencer {
             .with_key(sig_key);
         let written = self.append_line(st, out, ts, day, &ev, Some(&fields))?;
         st.since_checkpoint = 0;
+        st.checkpoint_seq = written;
+        self.last_checkpoint = Instant::now();
         Ok(written)
     }
 
@@ -1025,6 +1124,8 @@ impl Sequencer {
             }
         }
         if new_file {
+            // The appender creates files with the process umask.
+            restrict(&after.path, 0o600)?;
             sync_dir(&self.dir)?;
         }
         if !out.last_line.is_empty() && !file_ends_with(&mut file, after.len, out.last_line.as_bytes())? {
@@ -1036,7 +1137,7 @@ impl Sequencer {
         if !out.checkpoints.is_empty() {
             let path = self.dir.join(CHECKPOINTS_FILE);
             let write = || -> io::Result<()> {
-                let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+                let mut f = OpenOptions::new().create(true).append(true).mode(0o600).open(&path)?;
                 for line in &out.checkpoints {
                     f.write_all(line.as_bytes())?;
                 }
@@ -1120,8 +1221,11 @@ pub enum FailureKind {
     Reordered,
     /// A checkpoint's signature is missing, high-S or does not verify.
     BadCheckpoint,
-    /// The trail ends before a checkpoint listed in the shipped copy.
+    /// The trail ends before a checkpoint listed in the shipped copy, or before the
+    /// expected head.
     Truncated,
+    /// No audit line at all (refused unless [`VerifyOptions::allow_empty`]).
+    Empty,
     /// A file, the token or the public key could not be used.
     Unreadable,
 }
@@ -1136,6 +1240,7 @@ impl fmt::Display for FailureKind {
             FailureKind::Reordered => "reordered",
             FailureKind::BadCheckpoint => "bad checkpoint signature",
             FailureKind::Truncated => "truncated",
+            FailureKind::Empty => "empty",
             FailureKind::Unreadable => "unreadable",
         })
     }
@@ -1377,17 +1482,41 @@ fn classify(
     )
 }
 
-/// Verifies the trail in `dir`: every `audit.*.jsonl` in name order, every line's
-/// seq, link and hash (through `keys.chain_mac`), every checkpoint signature (with
-/// `public_key_der`, a DER SubjectPublicKeyInfo, or else the token's key), and that every
-/// checkpoint of the shipped copy (`checkpoints_file`, else `DIR/checkpoints.jsonl` when
-/// present) appears identically in the trail. Returns the first bad line.
+/// What [`verify_dir_with`] checks beyond the chain itself.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions<'a> {
+    /// DER SubjectPublicKeyInfo of the checkpoint key (default: the token's).
+    pub public_key_der: Option<&'a [u8]>,
+    /// The shipped checkpoint copy (default: `DIR/checkpoints.jsonl` when present).
+    pub checkpoints_file: Option<&'a Path>,
+    /// A chain head seen earlier (seq, hash): the trail must still hold that line.
+    pub expect_head: Option<(u64, [u8; 32])>,
+    /// Accept a directory without any audit line (a trail never started).
+    pub allow_empty: bool,
+}
+
+/// [`verify_dir_with`] with the given key and checkpoint copy, refusing an empty trail.
 pub fn verify_dir(
     dir: &Path,
     keys: &dyn AuditKeys,
     public_key_der: Option<&[u8]>,
     checkpoints_file: Option<&Path>,
 ) -> Result<VerifyReport, VerifyFailure> {
+    verify_dir_with(dir, keys, &VerifyOptions { public_key_der, checkpoints_file, ..VerifyOptions::default() })
+}
+
+/// Verifies the trail in `dir`: every `audit.*.jsonl` in name order, every line's
+/// seq, link and hash (through `keys.chain_mac`), every checkpoint signature (with
+/// `public_key_der`, a DER SubjectPublicKeyInfo, or else the token's key), that every
+/// checkpoint of the shipped copy (`checkpoints_file`, else `DIR/checkpoints.jsonl` when
+/// present) appears identically in the trail, and that the expected head, if given, is
+/// in it. A trail without any line is refused unless `allow_empty`. Returns the first
+/// bad line.
+pub fn verify_dir_with(dir: &Path, keys: &dyn AuditKeys, opts: &VerifyOptions<'_>) -> Result<VerifyReport, VerifyFailure> {
+    let (public_key_der, checkpoints_file) = (opts.public_key_der, opts.checkpoints_file);
+    if !dir.is_dir() {
+        return Err(VerifyFailure::unreadable(None, format!("{} is not a directory", dir.display())));
+    }
     let files = list_audit_files(dir).map_err(|e| VerifyFailure::unreadable(None, e.to_string()))?;
     let default_copy = dir.join(CHECKPOINTS_FILE);
     let copy_path = match checkpoints_file {
@@ -1431,6 +1560,15 @@ pub fn verify_dir(
             cp_key.check(&p).map_err(|(kind, why)| at(kind, why, Some(p.seq)))?;
             checkpoints += 1;
         }
+        if let Some((seq, hash)) = opts.expect_head.filter(|(seq, _)| *seq == p.seq) {
+            if !openssl::memcmp::eq(&hash, &p.hash) {
+                return Err(at(
+                    FailureKind::Edited,
+                    format!("seq {seq} is not the expected head {}: the trail was rewritten", hex::encode(hash)),
+                    Some(p.seq),
+                ));
+            }
+        }
         if let Some(copy) = shipped.remove(&p.seq) {
             if copy != raw.text {
                 return Err(at(
@@ -1452,6 +1590,24 @@ pub fn verify_dir(
             seq: Some(seq),
             kind: FailureKind::Truncated,
             detail: format!("checkpoint seq {seq} missing"),
+        });
+    }
+    if let Some((seq, _)) = opts.expect_head.filter(|(seq, _)| *seq >= expected) {
+        return Err(VerifyFailure {
+            file: last_pos.map(|(f, _)| names[f].clone()).or_else(|| names.last().cloned()),
+            line: Some(last_pos.map_or(1, |(_, l)| l + 1)),
+            seq: Some(seq),
+            kind: FailureKind::Truncated,
+            detail: format!("the trail ends at seq {} before the expected head seq {seq}", expected - 1),
+        });
+    }
+    if lines == 0 && !opts.allow_empty {
+        return Err(VerifyFailure {
+            file: None,
+            line: None,
+            seq: None,
+            kind: FailureKind::Empty,
+            detail: format!("no audit line in {} (a trail that never started is accepted only when asked)", dir.display()),
         });
     }
     Ok(VerifyReport {

@@ -286,6 +286,19 @@ where
                 }
                 Err((status, identity, request_id)) => {
                     let rpc = req.uri().path().trim_start_matches('/').to_string();
+                    if status.code() == Code::ResourceExhausted {
+                        // A rate-limit refusal: the first of its client, RPC and second
+                        // gets its own line, the rest one line with their count.
+                        if let Some(client) = identity.as_deref() {
+                            let (own, done) = layer.state.refusals.note(client, &rpc, crate::unix_now());
+                            if let Some(agg) = done {
+                                layer.state.record_aggregate(&agg).await;
+                            }
+                            if !own {
+                                return Ok(status.into_http());
+                            }
+                        }
+                    }
                     let ev = AuditEvent::rpc(
                         identity.as_deref().unwrap_or("(none)"),
                         "",

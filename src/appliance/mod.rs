@@ -43,6 +43,8 @@ pub struct AppState {
     pub audit: Arc<AuditTrail>,
     /// Unix seconds of this process's start.
     pub boot_epoch: u64,
+    /// Rate-limit refusals waiting to be written as one line per client, RPC and second.
+    pub refusals: rate::Refusals,
 }
 
 /// The authenticated caller of one RPC, put into the request by the auth layer.
@@ -102,6 +104,26 @@ pub struct Note {
 }
 
 impl AppState {
+    /// Writes the line of refusals that were answered without one of their own.
+    pub async fn record_aggregate(&self, agg: &rate::Aggregate) {
+        let ev = AuditEvent::rpc(
+            &agg.client,
+            "",
+            &agg.rpc,
+            Vec::new(),
+            "denied",
+            error::code_name(Code::ResourceExhausted),
+            0,
+            &format!("{:x}-agg-{}", self.boot_epoch, agg.second),
+            Vec::new(),
+        )
+        .with_detail(format!("{} more refusal(s) in unix second {}, aggregated", agg.count, agg.second));
+        match self.audit.record(ev).await {
+            Ok(_) => self.refusals.written(agg),
+            Err(e) => tracing::error!(error = %e, count = agg.count, "audit: aggregated refusals not written"),
+        }
+    }
+
     /// Runs a handler body within the caller's deadline; past it the call fails with
     /// DEADLINE_EXCEEDED (and is audited as such). A token operation already started
     /// finishes on its blocking thread; its result is dropped.

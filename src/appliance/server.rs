@@ -112,7 +112,12 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let audit = AuditTrail::open(
         &config.audit.dir,
         audit_keys,
-        AuditOptions { checkpoint_every: config.audit.checkpoint_every, writer_name: "appliance".into(), ..AuditOptions::default() },
+        AuditOptions {
+            checkpoint_every: config.audit.checkpoint_every,
+            checkpoint_interval: config.audit.checkpoint_interval,
+            writer_name: "appliance".into(),
+            ..AuditOptions::default()
+        },
     )?;
     let boot_epoch = crate::unix_now();
     let state = Arc::new(AppState {
@@ -122,6 +127,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         hsm,
         audit: Arc::new(audit),
         boot_epoch,
+        refusals: Default::default(),
     });
 
     let (health, health_svc) = tonic_health::server::health_reporter();
@@ -168,7 +174,15 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let watch_state = Arc::clone(&state);
     let watcher = tokio::spawn(async move {
         let mut last = None;
+        let mut tick: u64 = 0;
         loop {
+            tick += 1;
+            if tick % 5 == 0 {
+                // Once a second: is the token still there (or back)? Health must not
+                // wait for a call to fail.
+                let hsm = watch_state.hsm.clone();
+                let _ = tokio::task::spawn_blocking(move || hsm.probe()).await;
+            }
             if !watch_state.audit.healthy() {
                 // Nothing else writes while calls are refused: probe, so the trail (and
                 // health) come back as soon as the directory is writable again.
@@ -176,6 +190,9 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
                     .with_client("appliance", "system")
                     .with_detail("audit trail writable again after a failure");
                 let _ = watch_state.audit.record(probe).await;
+            }
+            for agg in watch_state.refusals.due(crate::unix_now()) {
+                watch_state.record_aggregate(&agg).await;
             }
             let ok = watch_state.audit.healthy() && watch_state.hsm.is_live();
             if last != Some(ok) {
@@ -232,6 +249,9 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             .await;
         watcher.abort();
         hup.abort();
+        for agg in run_state.refusals.due(u64::MAX) {
+            run_state.record_aggregate(&agg).await;
+        }
         let audit = Arc::clone(&run_state.audit);
         let closed = tokio::task::spawn_blocking(move || audit.shutdown())
             .await

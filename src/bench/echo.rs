@@ -12,13 +12,17 @@ use tonic::{Request, Response, Status};
 use crate::appliance::front::{tls_config, Front, FrontLimits};
 use crate::config::Config;
 use crate::proto::admin_service_server::{AdminService, AdminServiceServer};
-use crate::proto::{PingRequest, PingResponse, ReloadKeysRequest, ReloadKeysResponse};
+use crate::proto::{GetStatusRequest, GetStatusResponse, PingRequest, PingResponse, ReloadKeysRequest, ReloadKeysResponse};
 
 struct Echo;
 
 #[tonic::async_trait]
 impl AdminService for Echo {
     async fn reload_keys(&self, _: Request<ReloadKeysRequest>) -> Result<Response<ReloadKeysResponse>, Status> {
+        Err(Status::unimplemented("the echo baseline answers Ping only"))
+    }
+
+    async fn get_status(&self, _: Request<GetStatusRequest>) -> Result<Response<GetStatusResponse>, Status> {
         Err(Status::unimplemented("the echo baseline answers Ping only"))
     }
 

@@ -20,7 +20,7 @@ pub use mac::{MacAlgorithm, MacKey};
 pub use otp::{SeedCache, SeedHash};
 pub use pin::{format_matches as pin_format_matches, DukptCache, PinInput, PinSourceKey, PvMethod};
 pub use ops::low_s_normalise;
-pub use token::{Hsm, HsmOptions};
+pub use token::{Hsm, HsmOptions, TokenIdentity};
 
 use cryptoki::error::{Error as CkError, RvError};
 
@@ -94,6 +94,8 @@ impl Error {
                     | RvError::SessionClosed
                     | RvError::UserNotLoggedIn
                     | RvError::KeyHandleInvalid
+                    | RvError::WrappingKeyHandleInvalid
+                    | RvError::UnwrappingKeyHandleInvalid
                     | RvError::ObjectHandleInvalid => Error::SessionLost { op, rv: name },
                     RvError::TokenNotPresent
                     | RvError::TokenNotRecognized

@@ -75,6 +75,27 @@ struct Inner {
     /// The token refused the PIN: never retried automatically (HSMs lock or zeroise
     /// after repeated wrong PINs); an operator restarts the appliance.
     login_refused: AtomicBool,
+    /// The token first attached: its serial number and its keys' check values. A token
+    /// found later under the same label must match (never attached otherwise).
+    identity: Mutex<Option<Identity>>,
+    /// Why the token found under the label was last refused (cleared by an attach).
+    refused: Mutex<Option<String>>,
+}
+
+/// What identifies the token first attached.
+struct Identity {
+    serial: String,
+    /// Token label of each key version -> its KCV.
+    kcvs: std::collections::HashMap<String, String>,
+}
+
+/// The token's identity as status answers show it.
+#[derive(Debug, Clone, Default)]
+pub struct TokenIdentity {
+    /// Serial number of the token first attached (empty before).
+    pub serial: String,
+    /// Why a token found under the label is refused now.
+    pub refused: Option<String>,
 }
 
 /// A queued token operation; `abandoned` is true once its caller went away.
@@ -218,6 +239,8 @@ impl Hsm {
                 catalogue: RwLock::new(Arc::new(Catalogue::default())),
                 recovering: Mutex::new(None),
                 login_refused: AtomicBool::new(false),
+                identity: Mutex::new(None),
+                refused: Mutex::new(None),
             }),
         };
         {
@@ -239,6 +262,76 @@ impl Hsm {
     /// True while the token is attached and logged in.
     pub fn is_live(&self) -> bool {
         lock(&self.inner.attached).is_some()
+    }
+
+    /// The serial number of the token first attached, and why a token is refused now.
+    pub fn identity(&self) -> TokenIdentity {
+        TokenIdentity {
+            serial: lock(&self.inner.identity).as_ref().map(|i| i.serial.clone()).unwrap_or_default(),
+            refused: lock(&self.inner.refused).clone(),
+        }
+    }
+
+    /// Checks, without waiting for a call to fail, that the token is still there:
+    /// the anchor session must answer C_GetSessionInfo and the slot C_GetTokenInfo.
+    /// A lost token is detached (health turns NOT_SERVING) and looked for again, as a
+    /// failed call would; a detached one is attached again when it is back. Blocking:
+    /// run it off the async runtime. True when attached afterwards.
+    pub fn probe(&self) -> bool {
+        match self.attachment() {
+            Some(a) => {
+                let ok = {
+                    let _r = self.gate_read();
+                    let anchor_ok = lock(&self.inner.anchor).as_ref().is_some_and(|s| s.get_session_info().is_ok());
+                    anchor_ok && self.inner.ctx.get_token_info(a.slot).is_ok()
+                };
+                if !ok {
+                    tracing::warn!(token = %self.inner.opts.token_label, "token probe failed");
+                    let _ = self.recover(Some(a.gen));
+                }
+            }
+            None => {
+                let _ = self.recover(None);
+            }
+        }
+        self.is_live()
+    }
+
+    /// Compares the token just logged in to with the one first attached (the first
+    /// attach records it). Keys present in both must have the same check values; keys
+    /// new since (a ceremony) are added.
+    fn check_identity(&self, serial: &str, cat: &Catalogue) -> Result<()> {
+        let kcvs: std::collections::HashMap<String, String> =
+            cat.iter().map(|e| (e.meta.label(), e.meta.kcv.clone())).collect();
+        let mut known = lock(&self.inner.identity);
+        let Some(id) = known.as_mut() else {
+            *known = Some(Identity { serial: serial.to_string(), kcvs });
+            return Ok(());
+        };
+        let why = if id.serial != serial {
+            Some(format!("serial number {serial:?}, the token first attached had {:?}", id.serial))
+        } else {
+            let mut changed: Vec<&str> = kcvs
+                .iter()
+                .filter(|(label, kcv)| id.kcvs.get(*label).is_some_and(|k| k != *kcv))
+                .map(|(label, _)| label.as_str())
+                .collect();
+            changed.sort_unstable();
+            (!changed.is_empty()).then(|| format!("key check values differ for {}", changed.join(", ")))
+        };
+        if let Some(why) = why {
+            let msg = format!("token {:?} is not the token first attached: {why}", self.inner.opts.token_label);
+            let mut refused = lock(&self.inner.refused);
+            if refused.as_deref() != Some(msg.as_str()) {
+                tracing::error!(alarm = "token-identity", token = %self.inner.opts.token_label, reason = %why,
+                    "ALARM: a different token is attached under the configured label; refused, not serving");
+            }
+            *refused = Some(msg.clone());
+            return Err(Error::Unavailable(msg));
+        }
+        id.kcvs.extend(kcvs);
+        *lock(&self.inner.refused) = None;
+        Ok(())
     }
 
     fn attachment(&self) -> Option<Attached> {
@@ -283,6 +376,7 @@ impl Hsm {
     /// with the gate held for writing.
     fn establish(&self) -> Result<()> {
         let slot = self.find_slot()?;
+        let serial = self.inner.ctx.get_token_info(slot).map_err(ck("C_GetTokenInfo"))?.serial_number().trim_end().to_string();
         let anchor = self.inner.ctx.open_rw_session(slot).map_err(ck("C_OpenSession"))?;
         self.login(&anchor)?;
         let gen = self.inner.next_gen.fetch_add(1, Ordering::AcqRel);
@@ -290,6 +384,7 @@ impl Hsm {
             let _g = lock(&OBJECTS);
             keys::load(&anchor, None, self.inner.opts.session_copies, gen)?
         };
+        self.check_identity(&serial, &cat)?;
         let n = cat.len();
         *self.inner.catalogue.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cat);
         *lock(&self.inner.anchor) = Some(anchor);
@@ -520,6 +615,9 @@ impl Hsm {
             let n = cat.len();
             for (label, reason) in cat.refused() {
                 tracing::error!(key = %label, %reason, "key refused at reload");
+            }
+            if let Some(id) = lock(&self.inner.identity).as_mut() {
+                id.kcvs.extend(cat.iter().map(|e| (e.meta.label(), e.meta.kcv.clone())));
             }
             *self.inner.catalogue.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cat);
             Ok(n)
