@@ -280,12 +280,7 @@ impl Hsm {
     pub fn probe(&self) -> bool {
         match self.attachment() {
             Some(a) => {
-                let ok = {
-                    let _r = self.gate_read();
-                    let anchor_ok = lock(&self.inner.anchor).as_ref().is_some_and(|s| s.get_session_info().is_ok());
-                    anchor_ok && self.inner.ctx.get_token_info(a.slot).is_ok()
-                };
-                if !ok {
+                if !self.answers(a) {
                     tracing::warn!(token = %self.inner.opts.token_label, "token probe failed");
                     let _ = self.recover(Some(a.gen));
                 }
@@ -295,6 +290,32 @@ impl Hsm {
             }
         }
         self.is_live()
+    }
+
+    /// Whether the attachment `a` still answers: the anchor session C_GetSessionInfo and
+    /// the slot C_GetTokenInfo. Call without the gate held.
+    fn answers(&self, a: Attached) -> bool {
+        let _r = self.gate_read();
+        let anchor_ok = lock(&self.inner.anchor).as_ref().is_some_and(|s| s.get_session_info().is_ok());
+        anchor_ok && self.inner.ctx.get_token_info(a.slot).is_ok()
+    }
+
+    /// An operation failed with an error that is not a lost session: if the token no
+    /// longer answers, it vanished under the call (SoftHSM answers CKR_GENERAL_ERROR to
+    /// the first object creation after its files went): detach, so health and every call
+    /// say UNAVAILABLE, and answer UNAVAILABLE; else the error stands.
+    fn unless_gone(&self, e: Error, gen: u64) -> Error {
+        if !matches!(e, Error::Token { .. }) {
+            return e;
+        }
+        match self.attachment() {
+            Some(a) if a.gen == gen && self.answers(a) => e,
+            _ => {
+                tracing::warn!(error = %e, "token error and the token no longer answers: attaching again");
+                let _ = self.recover(Some(gen));
+                Error::Unavailable(format!("token lost during the operation ({e})"))
+            }
+        }
     }
 
     /// Compares the token just logged in to with the one first attached (the first
@@ -526,9 +547,13 @@ impl Hsm {
             Err((e, Some(gen))) if e.is_recoverable() => {
                 tracing::warn!(error = %e, "retrying after token recovery");
                 self.recover(Some(gen))?;
-                self.attempt(&f).map_err(|(e, _)| e)
+                self.attempt(&f).map_err(|(e, g)| match g {
+                    Some(g) => self.unless_gone(e, g),
+                    None => e,
+                })
             }
-            Err((e, _)) => Err(e),
+            Err((e, Some(gen))) => Err(self.unless_gone(e, gen)),
+            Err((e, None)) => Err(e),
         }
     }
 
@@ -576,6 +601,7 @@ impl Hsm {
                         tracing::warn!(error = %e, "retrying after token recovery");
                         this.recover(Some(gen)).and_then(|()| this.with_anchor(&f))
                     }
+                    Err(e) => Err(this.unless_gone(e, gen)),
                     other => other,
                 };
                 if let Some(tx) = lock(&tx).take() {
