@@ -177,6 +177,119 @@ impl AttemptStore {
     }
 }
 
+/// The answer to one TOTP/HOTP verification attempt, decided before the code is
+/// compared.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SeedAdmission {
+    /// Counted as a failure until [`FailureStore::succeeded`] clears it: `failures` is
+    /// the count with this attempt; `locks` says this attempt reached the limit (a
+    /// wrong code now locks the seed).
+    Counted { failures: u32, locks: bool },
+    /// The seed is locked for `secs` more seconds.
+    Locked { secs: u64 },
+    /// Every tracked seed has recent failures (the ceiling): retry later.
+    Full(usize),
+}
+
+/// Failure state of one seed.
+struct Failures {
+    failures: u32,
+    /// Unix s; the entry is forgotten after this (`lockout` after the last failure,
+    /// or the end of the lock-out).
+    expires_at: u64,
+    locked_until: Option<u64>,
+}
+
+/// Failed TOTP/HOTP codes per seed, keyed by a hash of the subject and its seed blob
+/// (never a seed or a code): `max_failures` consecutive failures lock the seed for
+/// `lockout` seconds, a success clears the count, and failures are forgotten
+/// `lockout` seconds after the last one. Attempts are counted before the code is
+/// compared, so concurrent guesses cannot pass the limit. At most `ceiling` seeds are
+/// tracked; at the ceiling expired entries are evicted, then new seeds are refused
+/// rather than old failures forgotten.
+pub struct FailureStore {
+    max_failures: u32,
+    lockout: u64,
+    ceiling: usize,
+    inner: Mutex<HashMap<[u8; 32], Failures>>,
+}
+
+impl FailureStore {
+    pub fn new(max_failures: u32, lockout_secs: u64, ceiling: usize) -> FailureStore {
+        FailureStore { max_failures, lockout: lockout_secs, ceiling, inner: Mutex::new(HashMap::new()) }
+    }
+
+    /// As [`AttemptStore::lock`]: every update is a few plain stores.
+    fn lock(&self) -> MutexGuard<'_, HashMap<[u8; 32], Failures>> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The seed's lock-out left at `now` (unix s), without counting anything.
+    pub fn locked(&self, key: &[u8; 32], now: u64) -> Option<u64> {
+        let g = self.lock();
+        match g.get(key)?.locked_until {
+            Some(until) if until > now => Some(until - now),
+            _ => None,
+        }
+    }
+
+    /// Counts one attempt (as a failure until [`FailureStore::succeeded`]) at `now`.
+    pub fn admit(&self, key: &[u8; 32], now: u64) -> SeedAdmission {
+        let mut g = self.lock();
+        if let Some(e) = g.get(key) {
+            if let Some(until) = e.locked_until.filter(|u| *u > now) {
+                return SeedAdmission::Locked { secs: until - now };
+            }
+            // Expired, or a lock-out that is over: the seed starts afresh.
+            if now > e.expires_at || e.locked_until.is_some() {
+                g.remove(key);
+            }
+        }
+        if !g.contains_key(key) && g.len() >= self.ceiling {
+            g.retain(|_, e| now <= e.expires_at);
+            if g.len() >= self.ceiling {
+                return SeedAdmission::Full(self.ceiling);
+            }
+        }
+        let e = g.entry(*key).or_insert(Failures { failures: 0, expires_at: now, locked_until: None });
+        e.failures = e.failures.saturating_add(1);
+        e.expires_at = now.saturating_add(self.lockout);
+        let locks = e.failures >= self.max_failures;
+        if locks {
+            e.locked_until = Some(now.saturating_add(self.lockout));
+        }
+        SeedAdmission::Counted { failures: e.failures, locks }
+    }
+
+    /// The code matched: the seed's failures (and a lock set by this attempt) are cleared.
+    pub fn succeeded(&self, key: &[u8; 32]) {
+        self.lock().remove(key);
+    }
+
+    /// Seeds tracked (with failures, locked, or expired but not yet evicted).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no seed is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Sizes only; no keys.
+impl fmt::Debug for FailureStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FailureStore")
+            .field("max_failures", &self.max_failures)
+            .field("lockout", &self.lockout)
+            .field("ceiling", &self.ceiling)
+            .field("quota", &self.quota)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
 /// Sizes only; no challenge ids.
 impl fmt::Debug for AttemptStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -439,5 +552,44 @@ mod tests {
         s.register([0xAB; 16], NOW + 1, 1, NOW).unwrap();
         let d = format!("{s:?}");
         assert_eq!(d, "AttemptStore { ceiling: 4, len: 1 }");
+    }
+
+    #[test]
+    fn seed_failures_lock_and_a_success_resets() {
+        let s = FailureStore::new(3, 900, 10);
+        let k = [7u8; 32];
+        assert_eq!(s.admit(&k, NOW), SeedAdmission::Counted { failures: 1, locks: false });
+        // A success clears the count.
+        s.succeeded(&k);
+        assert!(s.is_empty());
+        for n in 1..=2 {
+            assert_eq!(s.admit(&k, NOW), SeedAdmission::Counted { failures: n, locks: false });
+        }
+        assert_eq!(s.locked(&k, NOW), None);
+        assert_eq!(s.admit(&k, NOW + 1), SeedAdmission::Counted { failures: 3, locks: true });
+        assert_eq!(s.locked(&k, NOW + 1), Some(900));
+        assert_eq!(s.admit(&k, NOW + 2), SeedAdmission::Locked { secs: 899 });
+        // Another seed is not affected.
+        assert_eq!(s.admit(&[8u8; 32], NOW + 2), SeedAdmission::Counted { failures: 1, locks: false });
+        // After the lock-out the seed starts afresh.
+        assert_eq!(s.admit(&k, NOW + 902), SeedAdmission::Counted { failures: 1, locks: false });
+        // The limit-reaching attempt that matches clears the lock.
+        let s = FailureStore::new(1, 60, 10);
+        assert_eq!(s.admit(&k, NOW), SeedAdmission::Counted { failures: 1, locks: true });
+        s.succeeded(&k);
+        assert_eq!(s.admit(&k, NOW), SeedAdmission::Counted { failures: 1, locks: true });
+    }
+
+    #[test]
+    fn seed_failures_are_forgotten_and_bounded() {
+        let s = FailureStore::new(5, 100, 2);
+        s.admit(&[1u8; 32], NOW);
+        s.admit(&[2u8; 32], NOW + 50);
+        assert_eq!(s.admit(&[3u8; 32], NOW + 60), SeedAdmission::Full(2));
+        // Seed 1's failures are forgotten 100 s after the last one: evicted at the ceiling.
+        assert_eq!(s.admit(&[3u8; 32], NOW + 101), SeedAdmission::Counted { failures: 1, locks: false });
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.admit(&[2u8; 32], NOW + 140), SeedAdmission::Counted { failures: 2, locks: false });
+        assert_eq!(format!("{s:?}"), "FailureStore { max_failures: 5, lockout: 100, ceiling: 2, len: 2 }");
     }
 }
