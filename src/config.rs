@@ -148,6 +148,9 @@ struct RawOtp {
     max_attempts: u8,
     #[serde(default = "default_otp_challenges")]
     max_open_challenges: usize,
+    /// Default: a quarter of `max_open_challenges` (at least 1).
+    #[serde(default)]
+    challenge_quota_per_client: Option<usize>,
     #[serde(default = "default_totp_failures")]
     totp_max_failures: u32,
     #[serde(default = "default_totp_lockout")]
@@ -172,6 +175,7 @@ impl Default for RawOtp {
         RawOtp {
             max_attempts: default_otp_attempts(),
             max_open_challenges: default_otp_challenges(),
+            challenge_quota_per_client: None,
             totp_max_failures: default_totp_failures(),
             totp_lockout_secs: default_totp_lockout(),
         }
@@ -185,6 +189,9 @@ pub struct OtpConfig {
     pub max_attempts: u8,
     /// Challenges whose attempt state is kept; beyond, IssueCode is refused.
     pub max_open_challenges: usize,
+    /// Open challenges one client identity may hold (1 to `max_open_challenges`;
+    /// default a quarter of it); beyond, that client's IssueCode is refused.
+    pub challenge_quota_per_client: usize,
     /// Consecutive wrong TOTP/HOTP codes that lock a seed (1-100; default 5).
     pub totp_max_failures: u32,
     /// How long a locked seed is refused, and how long failures are remembered after
@@ -604,6 +611,10 @@ impl Config {
         if !(1..=10_000_000).contains(&raw.otp.max_open_challenges) {
             c.errors.push("otp.max_open_challenges: must be 1-10000000".into());
         }
+        let challenge_quota = raw.otp.challenge_quota_per_client.unwrap_or((raw.otp.max_open_challenges / 4).max(1));
+        if challenge_quota == 0 || challenge_quota > raw.otp.max_open_challenges {
+            c.errors.push("otp.challenge_quota_per_client: must be 1 to otp.max_open_challenges".into());
+        }
         if !(1..=100).contains(&raw.otp.totp_max_failures) {
             c.errors.push("otp.totp_max_failures: must be 1-100".into());
         }
@@ -761,6 +772,7 @@ impl Config {
                     otp: OtpConfig {
                         max_attempts: raw.otp.max_attempts,
                         max_open_challenges: raw.otp.max_open_challenges,
+                        challenge_quota_per_client: challenge_quota,
                         totp_max_failures: raw.otp.totp_max_failures,
                         totp_lockout: Duration::from_secs(raw.otp.totp_lockout_secs),
                     },
@@ -833,6 +845,8 @@ max_pending_handshakes_per_source = 9
 max_decode_failures = 0
 lockout_secs = 0
 [otp]
+max_open_challenges = 10
+challenge_quota_per_client = 11
 totp_max_failures = 0
 totp_lockout_secs = 0
 "#;
@@ -857,6 +871,7 @@ totp_lockout_secs = 0
             "limits.max_pending_handshakes_per_source: must be 1 to limits.max_pending_handshakes",
             "pin.max_decode_failures",
             "pin.lockout_secs",
+            "otp.challenge_quota_per_client: must be 1 to otp.max_open_challenges",
             "otp.totp_max_failures",
             "otp.totp_lockout_secs",
         ] {

@@ -1048,3 +1048,34 @@ async fn hotp_guessing_locks_the_seed_and_a_success_resets() {
         assert!(!trail.contains(code), "a code in the trail");
     }
 }
+
+/// Open challenges are counted per client identity: a client at
+/// `otp.challenge_quota_per_client` is refused (RESOURCE_EXHAUSTED naming its quota)
+/// while another client still gets challenges that verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_at_its_quota_does_not_lock_out_another() {
+    vector_keys();
+    let (config, _) = test_config("otp-quota-defaults");
+    assert_eq!(config.otp.challenge_quota_per_client, config.otp.max_open_challenges / 4, "default quota");
+    let srv = start_with("otp-quota", |c| {
+        c.otp.max_open_challenges = 10;
+        c.otp.challenge_quota_per_client = 2;
+    })
+    .await;
+    let hub = srv.clients("hub").await;
+    let bench = srv.clients("bench").await;
+    let subject = "acct-quota";
+    let sealed = |n: i64| IssueCodeRequest { sealed_for: ZEK.into(), ..issue_req(subject, tx(n)) };
+    for n in 0..2 {
+        issue_ok(&hub, sealed(n), "hub within its quota").await;
+    }
+    let s = expect_code(issue(&hub, sealed(2)).await, Code::ResourceExhausted, &["quota of 2 open challenges", "otp.challenge_quota_per_client"], "hub at its quota");
+    assert!(!s.message().contains(subject), "{:?}", s.message());
+    // Another client is not affected: its challenge is issued and verifies.
+    let other = issue_ok(&bench, issue_req(subject, tx(7)), "another client").await;
+    assert_eq!(verdict(&bench, verify_req(&other.challenge, &other.code, subject, tx(7)), "another client's code").await.0, CodeVerdict::Valid);
+    issue_ok(&bench, issue_req(subject, tx(8)), "another client, second").await;
+    expect_code(issue(&bench, issue_req(subject, tx(9))).await, Code::ResourceExhausted, &["quota"], "bench at its quota");
+    expect_code(issue(&hub, sealed(3)).await, Code::ResourceExhausted, &["quota"], "hub still at its quota");
+    srv.stop().await;
+}

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::otp_store::{Admission, AttemptStore, FailureStore, SeedAdmission};
+use super::otp_store::{Admission, AttemptStore, FailureStore, Refused, SeedAdmission};
 use crate::unix_now as now;
 use super::{key_ref, AppState, Caller, Error, Note};
 use crate::crypto::mac::ct_eq;
@@ -152,8 +152,8 @@ impl OtpSvc {
         let mut boot = [0u8; 16];
         boot[..8].copy_from_slice(&state.boot_epoch.to_be_bytes());
         openssl::rand::rand_bytes(&mut boot[8..]).map_err(|e| Error::Internal(format!("os rng: {e}")))?;
-        let store = AttemptStore::new(state.config.otp.max_open_challenges);
         let o = &state.config.otp;
+        let store = AttemptStore::new(o.max_open_challenges, o.challenge_quota_per_client);
         let failures = FailureStore::new(o.totp_max_failures, o.totp_lockout.as_secs(), MAX_TRACKED_SEEDS);
         Ok(OtpSvc { state, store, failures, seeds: Arc::new(SeedCache::new(SEED_CACHE)), boot })
     }
@@ -232,10 +232,15 @@ impl OtpSvc {
                 (String::new(), sealed, Some(key_ref(&d)))
             }
         };
-        // Registered last: a challenge that was never handed out holds no slot.
-        self.store
-            .register(id, ch.expires_at, ch.max_attempts, issued_at)
-            .map_err(|e| Error::ResourceExhausted(e.to_string()))?;
+        // Registered last: a challenge that was never handed out holds no slot. Each
+        // client identity holds at most its quota, so one client cannot fill the store.
+        self.store.register(id, &caller.identity, ch.expires_at, ch.max_attempts, issued_at).map_err(|e| match e {
+            Refused::Quota(_) => {
+                note.error_detail = Some("otp-client-quota".into());
+                Error::ResourceExhausted(format!("{e} (otp.challenge_quota_per_client)"))
+            }
+            Refused::Full(_) => Error::ResourceExhausted(e.to_string()),
+        })?;
         Ok(IssueCodeResponse {
             challenge,
             challenge_id: id.to_vec(),
