@@ -148,6 +148,13 @@ struct RawOtp {
     max_attempts: u8,
     #[serde(default = "default_otp_challenges")]
     max_open_challenges: usize,
+    /// Default: a quarter of `max_open_challenges` (at least 1).
+    #[serde(default)]
+    challenge_quota_per_client: Option<usize>,
+    #[serde(default = "default_totp_failures")]
+    totp_max_failures: u32,
+    #[serde(default = "default_totp_lockout")]
+    totp_lockout_secs: u64,
 }
 
 fn default_otp_attempts() -> u8 {
@@ -156,10 +163,22 @@ fn default_otp_attempts() -> u8 {
 fn default_otp_challenges() -> usize {
     100_000
 }
+fn default_totp_failures() -> u32 {
+    5
+}
+fn default_totp_lockout() -> u64 {
+    900
+}
 
 impl Default for RawOtp {
     fn default() -> Self {
-        RawOtp { max_attempts: default_otp_attempts(), max_open_challenges: default_otp_challenges() }
+        RawOtp {
+            max_attempts: default_otp_attempts(),
+            max_open_challenges: default_otp_challenges(),
+            challenge_quota_per_client: None,
+            totp_max_failures: default_totp_failures(),
+            totp_lockout_secs: default_totp_lockout(),
+        }
     }
 }
 
@@ -170,6 +189,14 @@ pub struct OtpConfig {
     pub max_attempts: u8,
     /// Challenges whose attempt state is kept; beyond, IssueCode is refused.
     pub max_open_challenges: usize,
+    /// Open challenges one client identity may hold (1 to `max_open_challenges`;
+    /// default a quarter of it); beyond, that client's IssueCode is refused.
+    pub challenge_quota_per_client: usize,
+    /// Consecutive wrong TOTP/HOTP codes that lock a seed (1-100; default 5).
+    pub totp_max_failures: u32,
+    /// How long a locked seed is refused, and how long failures are remembered after
+    /// the last one (1 s - 1 day; default 15 min).
+    pub totp_lockout: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -592,6 +619,16 @@ impl Config {
         if !(1..=10_000_000).contains(&raw.otp.max_open_challenges) {
             c.errors.push("otp.max_open_challenges: must be 1-10000000".into());
         }
+        let challenge_quota = raw.otp.challenge_quota_per_client.unwrap_or((raw.otp.max_open_challenges / 4).max(1));
+        if challenge_quota == 0 || challenge_quota > raw.otp.max_open_challenges {
+            c.errors.push("otp.challenge_quota_per_client: must be 1 to otp.max_open_challenges".into());
+        }
+        if !(1..=100).contains(&raw.otp.totp_max_failures) {
+            c.errors.push("otp.totp_max_failures: must be 1-100".into());
+        }
+        if !(1..=86_400).contains(&raw.otp.totp_lockout_secs) {
+            c.errors.push("otp.totp_lockout_secs: must be 1-86400".into());
+        }
         let e = &raw.ecash;
         if !(1..=10_000).contains(&e.max_batch) {
             c.errors.push("ecash.max_batch: must be 1-10000".into());
@@ -747,7 +784,13 @@ impl Config {
                         checkpoint_every: raw.audit.checkpoint_every,
                         checkpoint_interval: Duration::from_secs(raw.audit.checkpoint_seconds),
                     },
-                    otp: OtpConfig { max_attempts: raw.otp.max_attempts, max_open_challenges: raw.otp.max_open_challenges },
+                    otp: OtpConfig {
+                        max_attempts: raw.otp.max_attempts,
+                        max_open_challenges: raw.otp.max_open_challenges,
+                        challenge_quota_per_client: challenge_quota,
+                        totp_max_failures: raw.otp.totp_max_failures,
+                        totp_lockout: Duration::from_secs(raw.otp.totp_lockout_secs),
+                    },
                     ecash: EcashConfig {
                         max_batch: e.max_batch,
                         certificate_validity: Duration::from_secs(e.certificate_days * 86_400),
@@ -816,6 +859,11 @@ max_pending_handshakes_per_source = 9
 [pin]
 max_decode_failures = 0
 lockout_secs = 0
+[otp]
+max_open_challenges = 10
+challenge_quota_per_client = 11
+totp_max_failures = 0
+totp_lockout_secs = 0
 "#;
         let err = Config::parse(text, Path::new("/tmp")).err().map(|e| e.0).unwrap_or_default();
         let joined = err.join("\n");
@@ -838,6 +886,9 @@ lockout_secs = 0
             "limits.max_pending_handshakes_per_source: must be 1 to limits.max_pending_handshakes",
             "pin.max_decode_failures",
             "pin.lockout_secs",
+            "otp.challenge_quota_per_client: must be 1 to otp.max_open_challenges",
+            "otp.totp_max_failures",
+            "otp.totp_lockout_secs",
         ] {
             assert!(joined.contains(needle), "missing {needle} in:\n{joined}");
         }

@@ -993,3 +993,89 @@ async fn hotp_code_at_the_last_counter_is_not_replayable() {
     }
     srv.stop().await;
 }
+
+/// Wrong TOTP/HOTP codes are counted per seed: `otp.totp_max_failures` of them in a
+/// row lock the seed (RESOURCE_EXHAUSTED naming the lock, even for the right code)
+/// for `otp.totp_lockout_secs`, a right code before that clears the count, and other
+/// seeds are not affected; the trail shows the count, never a code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hotp_guessing_locks_the_seed_and_a_success_resets() {
+    vector_keys();
+    let (config, _) = test_config("otp-guess-defaults");
+    assert_eq!((config.otp.totp_max_failures, config.otp.totp_lockout.as_secs()), (5, 900), "defaults");
+    let srv = start_with("otp-guess", |c| c.otp.totp_max_failures = 3).await;
+    let hub = srv.clients("hub").await;
+    let subject = "acct-hotp-guess";
+    let blob = import_seed(&srv, subject, SEED_SHA1, (OtpHash::Sha1, 6, 30)).await;
+    let other = "acct-hotp-guess-other";
+    let other_blob = import_seed(&srv, other, SEED_SHA1, (OtpHash::Sha1, 6, 30)).await;
+
+    // Two wrong codes, then the right one: valid, and the count starts again.
+    for _ in 0..2 {
+        assert!(!hotp_ok(&hub, hotp_req(&blob, subject, &other_code(HOTP[0]), 0, 1), "wrong").await.valid);
+    }
+    let r = hotp_ok(&hub, hotp_req(&blob, subject, HOTP[0], 0, 1), "right after 2 wrong").await;
+    assert!(r.valid && r.next_counter == 1, "{r:?}");
+    // Two more wrong codes do not lock (the success reset the count) ...
+    for _ in 0..2 {
+        assert!(!hotp_ok(&hub, hotp_req(&blob, subject, &other_code(HOTP[1]), 1, 1), "wrong after reset").await.valid);
+    }
+    assert!(hotp_ok(&hub, hotp_req(&blob, subject, HOTP[1], 1, 1), "right after reset").await.valid);
+    // ... three in a row do: the third still answers, then even the right code is refused.
+    for n in 0..3 {
+        let r = hotp_ok(&hub, hotp_req(&blob, subject, &other_code(HOTP[2]), 2, 1), "guess").await;
+        assert!(!r.valid, "guess {n}");
+    }
+    let s = expect_code(verify_hotp(&hub, hotp_req(&blob, subject, HOTP[2], 2, 1)).await, Code::ResourceExhausted, &["seed_blob", "locked", "3 wrong codes"], "locked seed");
+    assert!(!s.message().contains(HOTP[2]) && !s.message().contains(subject), "{:?}", s.message());
+    // The same seed through VerifyTotp is locked too.
+    expect_code(verify_totp(&hub, totp_req(&blob, subject, "94287082", 59, 0, 1)).await, Code::ResourceExhausted, &["locked"], "locked via TOTP");
+    // Another subject's seed (the same secret, another blob) still verifies.
+    assert!(hotp_ok(&hub, hotp_req(&other_blob, other, HOTP[2], 2, 1), "other seed").await.valid);
+    // A blob that is refused counts nothing and says nothing about the lock.
+    expect_code(verify_hotp(&hub, hotp_req(&blob, other, HOTP[2], 2, 1)).await, Code::InvalidArgument, &["seed_blob"], "foreign subject");
+    let dir = srv.audit_dir.clone();
+    srv.stop().await;
+
+    let lines = rpc_lines(&dir);
+    let hotp_lines: Vec<_> = lines.iter().filter(|l| l["action"].as_str().unwrap_or_default().ends_with("OtpService/VerifyHotp")).collect();
+    let details: Vec<String> = hotp_lines.iter().map(|l| l["detail"].as_str().unwrap_or_default().to_string()).collect();
+    assert!(details.iter().any(|d| d == "valid=false otp-seed-failures=2"), "{details:?}");
+    assert!(details.iter().any(|d| d == "valid=false otp-seed-failures=3 locked"), "{details:?}");
+    assert!(hotp_lines.iter().any(|l| l["code"] == "RESOURCE_EXHAUSTED" && l["detail"] == "otp-seed-failures=3 locked"), "{details:?}");
+    let trail = all_files_text(&dir);
+    for code in &HOTP[..3] {
+        assert!(!trail.contains(code), "a code in the trail");
+    }
+}
+
+/// Open challenges are counted per client identity: a client at
+/// `otp.challenge_quota_per_client` is refused (RESOURCE_EXHAUSTED naming its quota)
+/// while another client still gets challenges that verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_at_its_quota_does_not_lock_out_another() {
+    vector_keys();
+    let (config, _) = test_config("otp-quota-defaults");
+    assert_eq!(config.otp.challenge_quota_per_client, config.otp.max_open_challenges / 4, "default quota");
+    let srv = start_with("otp-quota", |c| {
+        c.otp.max_open_challenges = 10;
+        c.otp.challenge_quota_per_client = 2;
+    })
+    .await;
+    let hub = srv.clients("hub").await;
+    let bench = srv.clients("bench").await;
+    let subject = "acct-quota";
+    let sealed = |n: i64| IssueCodeRequest { sealed_for: ZEK.into(), ..issue_req(subject, tx(n)) };
+    for n in 0..2 {
+        issue_ok(&hub, sealed(n), "hub within its quota").await;
+    }
+    let s = expect_code(issue(&hub, sealed(2)).await, Code::ResourceExhausted, &["quota of 2 open challenges", "otp.challenge_quota_per_client"], "hub at its quota");
+    assert!(!s.message().contains(subject), "{:?}", s.message());
+    // Another client is not affected: its challenge is issued and verifies.
+    let other = issue_ok(&bench, issue_req(subject, tx(7)), "another client").await;
+    assert_eq!(verdict(&bench, verify_req(&other.challenge, &other.code, subject, tx(7)), "another client's code").await.0, CodeVerdict::Valid);
+    issue_ok(&bench, issue_req(subject, tx(8)), "another client, second").await;
+    expect_code(issue(&bench, issue_req(subject, tx(9))).await, Code::ResourceExhausted, &["quota"], "bench at its quota");
+    expect_code(issue(&hub, sealed(3)).await, Code::ResourceExhausted, &["quota"], "hub still at its quota");
+    srv.stop().await;
+}

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::otp_store::{Admission, AttemptStore};
+use super::otp_store::{Admission, AttemptStore, FailureStore, Refused, SeedAdmission};
 use crate::unix_now as now;
 use super::{key_ref, AppState, Caller, Error, Note};
 use crate::crypto::mac::ct_eq;
@@ -34,6 +34,8 @@ const DEFAULT_LIFETIME: u32 = 300;
 const MAX_LIFETIME: u32 = 600;
 /// Unwrapped seeds kept in the token.
 pub const SEED_CACHE: usize = 4096;
+/// Seeds whose TOTP/HOTP failures are remembered at once.
+pub const MAX_TRACKED_SEEDS: usize = 100_000;
 
 
 impl From<OtpError> for Error {
@@ -103,10 +105,32 @@ pub async fn seed_blob(
 
 /// A decoded seed blob with the keys to check and use it.
 struct OpenedBlob {
+    /// The seed's key in the failure store: a hash of the subject and the blob.
+    failure_key: [u8; 32],
     blob: SeedBlob,
     kek: Arc<KeyEntry>,
     mac_key: Arc<KeyEntry>,
     mac_input: Vec<u8>,
+}
+
+/// The failure-store key of a seed blob presented for `subject`: SHA-256 over a
+/// label, the subject's length and bytes, and the blob (no secret: the seed inside
+/// is wrapped).
+fn failure_key(subject: &str, blob: &[u8]) -> [u8; 32] {
+    let mut h = openssl::sha::Sha256::new();
+    h.update(b"keyward otp seed failures\0");
+    h.update(&(subject.len() as u64).to_be_bytes());
+    h.update(subject.as_bytes());
+    h.update(blob);
+    h.finish()
+}
+
+/// The audit detail of a TOTP/HOTP answer: the verdict and the seed's failure count.
+fn verify_detail(valid: bool, failures: Option<String>) -> String {
+    match failures {
+        Some(f) => format!("valid={valid} {f}"),
+        None => format!("valid={valid}"),
+    }
 }
 
 fn blob_refused() -> Error {
@@ -116,6 +140,8 @@ fn blob_refused() -> Error {
 pub struct OtpSvc {
     pub state: Arc<AppState>,
     store: AttemptStore,
+    /// TOTP/HOTP failures per seed.
+    failures: FailureStore,
     seeds: Arc<SeedCache>,
     /// This process's boot identity, sealed into every challenge it issues.
     boot: [u8; 16],
@@ -126,8 +152,10 @@ impl OtpSvc {
         let mut boot = [0u8; 16];
         boot[..8].copy_from_slice(&state.boot_epoch.to_be_bytes());
         openssl::rand::rand_bytes(&mut boot[8..]).map_err(|e| Error::Internal(format!("os rng: {e}")))?;
-        let store = AttemptStore::new(state.config.otp.max_open_challenges);
-        Ok(OtpSvc { state, store, seeds: Arc::new(SeedCache::new(SEED_CACHE)), boot })
+        let o = &state.config.otp;
+        let store = AttemptStore::new(o.max_open_challenges, o.challenge_quota_per_client);
+        let failures = FailureStore::new(o.totp_max_failures, o.totp_lockout.as_secs(), MAX_TRACKED_SEEDS);
+        Ok(OtpSvc { state, store, failures, seeds: Arc::new(SeedCache::new(SEED_CACHE)), boot })
     }
 
     async fn code_of(&self, otp_key: &Arc<KeyEntry>, ch: &Challenge, subject: &str, purpose: &str, tx: &TxContext) -> Result<Zeroizing<String>, Error> {
@@ -204,10 +232,15 @@ impl OtpSvc {
                 (String::new(), sealed, Some(key_ref(&d)))
             }
         };
-        // Registered last: a challenge that was never handed out holds no slot.
-        self.store
-            .register(id, ch.expires_at, ch.max_attempts, issued_at)
-            .map_err(|e| Error::ResourceExhausted(e.to_string()))?;
+        // Registered last: a challenge that was never handed out holds no slot. Each
+        // client identity holds at most its quota, so one client cannot fill the store.
+        self.store.register(id, &caller.identity, ch.expires_at, ch.max_attempts, issued_at).map_err(|e| match e {
+            Refused::Quota(_) => {
+                note.error_detail = Some("otp-client-quota".into());
+                Error::ResourceExhausted(format!("{e} (otp.challenge_quota_per_client)"))
+            }
+            Refused::Full(_) => Error::ResourceExhausted(e.to_string()),
+        })?;
         Ok(IssueCodeResponse {
             challenge,
             challenge_id: id.to_vec(),
@@ -338,11 +371,25 @@ impl OtpSvc {
         drop(cat);
         note.keys.push(kek.key_ref());
         let mac_input = b.mac_input(subject);
-        Ok(OpenedBlob { blob: b, kek, mac_key, mac_input })
+        Ok(OpenedBlob { failure_key: failure_key(subject, blob), blob: b, kek, mac_key, mac_input })
     }
 
-    /// The counters among `candidates` whose code is `code` (at most the first).
-    async fn first_match(&self, o: OpenedBlob, code: &str, candidates: Vec<u64>) -> Result<Option<u64>, Error> {
+    /// The counters among `candidates` whose code is `code` (at most the first). A
+    /// locked seed is refused before the token is asked; once the blob is found
+    /// authentic the attempt is counted as a failure, and only then is the code
+    /// compared; a match clears the seed's failures.
+    async fn first_match(&self, note: &mut Note, o: OpenedBlob, code: &str, candidates: Vec<u64>) -> Result<Option<u64>, Error> {
+        let max = self.state.config.otp.totp_max_failures;
+        let locked = |note: &mut Note, secs: u64| {
+            note.error_detail = Some(format!("otp-seed-failures={max} locked"));
+            Error::ResourceExhausted(format!(
+                "seed_blob: locked for {} more seconds after {max} wrong codes",
+                secs.max(1)
+            ))
+        };
+        if let Some(secs) = self.failures.locked(&o.failure_key, now()) {
+            return Err(locked(note, secs));
+        }
         let b = &o.blob;
         let messages: Vec<[u8; 8]> = candidates.iter().map(|c| otp::counter_bytes(*c)).collect();
         let check = (o.mac_key, o.mac_input, b.mac.clone());
@@ -357,16 +404,32 @@ impl OtpSvc {
                 hsm::Error::VerifyFailed => blob_refused(),
                 other => other.into(),
             })?;
-        if !code_shape_ok(code, b.digits) {
-            return Ok(None);
-        }
-        let mut found = None;
-        for (c, mac) in candidates.iter().zip(macs.iter()) {
-            let expected = otp::truncate(mac, u32::from(b.digits))?;
-            // Every candidate is compared, so timing does not tell which matched.
-            if ct_eq(expected.as_bytes(), code.as_bytes()) && found.is_none() {
-                found = Some(*c);
+        let (failures, locks) = match self.failures.admit(&o.failure_key, now()) {
+            SeedAdmission::Counted { failures, locks } => (failures, locks),
+            SeedAdmission::Locked { secs } => return Err(locked(note, secs)),
+            SeedAdmission::Full(n) => {
+                return Err(Error::ResourceExhausted(format!("too many seeds with recent wrong codes ({n}); retry later")))
             }
+        };
+        let mut found = None;
+        if code_shape_ok(code, b.digits) {
+            for (c, mac) in candidates.iter().zip(macs.iter()) {
+                let expected = otp::truncate(mac, u32::from(b.digits))?;
+                // Every candidate is compared, so timing does not tell which matched.
+                if ct_eq(expected.as_bytes(), code.as_bytes()) && found.is_none() {
+                    found = Some(*c);
+                }
+            }
+        }
+        if found.is_some() {
+            self.failures.succeeded(&o.failure_key);
+        } else {
+            note.detail = Some(if locks {
+                tracing::warn!(failures, "wrong TOTP/HOTP codes: seed locked");
+                format!("otp-seed-failures={failures} locked")
+            } else {
+                format!("otp-seed-failures={failures}")
+            });
         }
         Ok(found)
     }
@@ -384,7 +447,7 @@ impl OtpSvc {
         let candidates: Vec<u64> =
             (step.saturating_sub(window)..=step.saturating_add(window)).filter(|s| r.last_step == 0 || *s > r.last_step).collect();
         let code = Zeroizing::new(r.code);
-        match self.first_match(o, &code, candidates).await? {
+        match self.first_match(note, o, &code, candidates).await? {
             Some(s) => Ok(VerifyTotpResponse { valid: true, step: s }),
             None => Ok(VerifyTotpResponse { valid: false, step: 0 }),
         }
@@ -400,7 +463,7 @@ impl OtpSvc {
         // The last counter is never a candidate: nothing could come after it.
         let candidates: Vec<u64> = (0..look_ahead).filter_map(|i| r.counter.checked_add(i)).filter(|c| *c < u64::MAX).collect();
         let code = Zeroizing::new(r.code);
-        match self.first_match(o, &code, candidates).await? {
+        match self.first_match(note, o, &code, candidates).await? {
             Some(c) => Ok(VerifyHotpResponse { valid: true, next_counter: c + 1 }),
             None => Ok(VerifyHotpResponse { valid: false, next_counter: r.counter }),
         }
@@ -439,7 +502,7 @@ impl OtpService for OtpSvc {
         let mut note = Note::default();
         let r = self.state.within_deadline(&caller, self.totp_inner(&caller, &mut note, req.into_inner())).await;
         if let Ok(v) = &r {
-            note.detail = Some(format!("valid={}", v.valid));
+            note.detail = Some(verify_detail(v.valid, note.detail.take()));
         }
         self.state.finish(&caller, note, r).await
     }
@@ -449,7 +512,7 @@ impl OtpService for OtpSvc {
         let mut note = Note::default();
         let r = self.state.within_deadline(&caller, self.hotp_inner(&caller, &mut note, req.into_inner())).await;
         if let Ok(v) = &r {
-            note.detail = Some(format!("valid={}", v.valid));
+            note.detail = Some(verify_detail(v.valid, note.detail.take()));
         }
         self.state.finish(&caller, note, r).await
     }
