@@ -11,10 +11,13 @@ usage() {
     cat <<'EOF'
 Usage: softhsm-setup/setup.sh STATE_DIR
        softhsm-setup/setup.sh --install-only
+       softhsm-setup/setup.sh --dev
        softhsm-setup/setup.sh --help
 
 --install-only does step 1 alone (what the build, the demo and the tests need
 installed); the demo and the tests then make their own state directories and tokens.
+--dev does step 1, also installs g++ (libFuzzer is C++), then installs cargo-fuzz
+with `cargo install cargo-fuzz --locked` when missing (what fuzz/smoke.sh needs).
 
 Idempotent SoftHSM2 set-up for keyward. Safe to run again: a second run changes nothing.
 
@@ -48,9 +51,11 @@ log() { printf 'setup.sh: %s\n' "$*" >&2; }
 die() { printf 'setup.sh: error: %s\n' "$*" >&2; exit 1; }
 
 INSTALL_ONLY=0
+DEV=0
 case "${1:-}" in
     -h | --help) usage; exit 0 ;;
     --install-only) INSTALL_ONLY=1; shift; [ "$#" -eq 0 ] || { usage >&2; exit 2; } ;;
+    --dev) INSTALL_ONLY=1; DEV=1; shift; [ "$#" -eq 0 ] || { usage >&2; exit 2; } ;;
     "") usage >&2; exit 2 ;;
     -*) printf 'setup.sh: unknown option: %s\n\n' "$1" >&2; usage >&2; exit 2 ;;
 esac
@@ -98,6 +103,19 @@ compute_missing() {
     fi
     command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
     command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+    if [ "$DEV" -eq 1 ]; then command -v c++ >/dev/null 2>&1 || missing+=(g++); fi
+}
+
+# --dev: cargo-fuzz (for fuzz/), installed from crates.io only when missing. Cargo's
+# output goes to stderr like the rest.
+install_dev_tools() {
+    if cargo fuzz --version >/dev/null 2>&1; then
+        log "cargo-fuzz present ($(cargo fuzz --version 2>/dev/null))"
+        return 0
+    fi
+    command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust first"
+    log "installing cargo-fuzz (cargo install cargo-fuzz --locked)"
+    cargo install cargo-fuzz --locked >&2
 }
 
 compute_missing
@@ -122,6 +140,7 @@ MODULE=$(find_module) || die "libsofthsm2.so not found (is the softhsm2 package 
 command -v softhsm2-util >/dev/null 2>&1 || die "softhsm2-util not found"
 if [ "$INSTALL_ONLY" -eq 1 ]; then
     log "prerequisites present (module $MODULE)"
+    [ "$DEV" -eq 0 ] || install_dev_tools
     exit 0
 fi
 

@@ -415,6 +415,12 @@ fn parse_line(line: &str) -> Result<ParsedLine, String> {
     Ok(ParsedLine { body, hash, seq, prev_hash, fields })
 }
 
+/// [`parse_line`] for the fuzz targets (`fuzz/`): the line's seq, prev_hash and hash.
+#[doc(hidden)]
+pub fn fuzz_parse_line(line: &str) -> Result<(u64, [u8; 32], [u8; 32]), String> {
+    parse_line(line).map(|p| (p.seq, p.prev_hash, p.hash))
+}
+
 /// Whether `name` is one of the trail's daily files (`audit.*.jsonl`).
 fn is_audit_file_name(name: &str) -> bool {
     name.len() > "audit..jsonl".len() && name.starts_with("audit.") && name.ends_with(".jsonl")
