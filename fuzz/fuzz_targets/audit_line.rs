@@ -126,7 +126,7 @@ fuzz_target!(init: {
 fn seeds() -> Vec<Vec<u8>> {
     let dir = std::env::temp_dir().join(format!("keyward-fuzz-audit-seeds-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let opts = AuditOptions { checkpoint_every: 3, max_batch: 8, writer_name: "fuzz".into() };
+    let opts = AuditOptions { checkpoint_every: 3, max_batch: 8, writer_name: "fuzz".into(), ..AuditOptions::default() };
     let Ok(trail) = AuditTrail::open(&dir, Arc::new(Soft), opts) else { return Vec::new() };
     for i in 0..7u64 {
         let ev = AuditEvent::new(EventKind::Rpc, format!("keyward.v1.Data/Encrypt#{i}"))
