@@ -124,11 +124,11 @@ impl AttemptStore {
         }
         if g.entries.len() >= self.ceiling || g.held_by(client) >= self.quota {
             g.evict_expired(now);
-            if g.held_by(client) >= self.quota {
-                return Err(Refused::Quota(self.quota));
-            }
             if g.entries.len() >= self.ceiling {
                 return Err(Refused::Full(self.ceiling));
+            }
+            if g.held_by(client) >= self.quota {
+                return Err(Refused::Quota(self.quota));
             }
         }
         let client: Arc<str> = match g.per_client.get_key_value(client) {
