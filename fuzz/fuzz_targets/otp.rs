@@ -18,9 +18,9 @@ fuzz_target!(init: {
 }, |data: &[u8]| {
     if let Some(c) = Challenge::decode(data) {
         assert_eq!(c.encode().as_slice(), data, "challenge round trip");
-        let store = AttemptStore::new(4);
+        let store = AttemptStore::new(4, 2);
         let now = c.issued_at;
-        assert!(store.register(c.id, c.expires_at, c.max_attempts, now).is_ok());
+        assert!(store.register(c.id, "fuzz", c.expires_at, c.max_attempts, now).is_ok());
         for attempt in 1..=c.max_attempts {
             assert_eq!(
                 store.admit(&c.id, now),
