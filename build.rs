@@ -27,6 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyward.v1.IssueCodeResponse",
             "keyward.v1.VerifyCodeRequest",
             "keyward.v1.EnrollTotpResponse",
+            "keyward.v1.EnrollHotpResponse",
             "keyward.v1.VerifyTotpRequest",
             "keyward.v1.VerifyHotpRequest",
             "keyward.v1.Binding",

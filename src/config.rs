@@ -350,6 +350,7 @@ pub const PERMISSIONS: &[(&str, &str)] = &[
         "PinService.TranslatePin may give the destination block another account field than the source's",
     ),
     ("otp.clear-code", "OtpService.IssueCode may return the code in clear (else only sealed for an operator)"),
+    ("otp.import-seed", "OtpService.ImportOtpSeed may import a TOTP/HOTP seed wrapped under a transport KEK"),
     (
         "binding.open-full",
         "BindingService.OpenBinding returns every field (else the masked view; a masked-view role may not call BlindIndex)",

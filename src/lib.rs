@@ -49,6 +49,7 @@ pub mod proto {
         IssueCodeResponse,
         VerifyCodeRequest,
         EnrollTotpResponse,
+        EnrollHotpResponse,
         VerifyTotpRequest,
         VerifyHotpRequest,
         Binding,

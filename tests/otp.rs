@@ -21,7 +21,8 @@ use keyward::client::Clients;
 use keyward::crypto::otp::OtpHash;
 use keyward::hsm::{Algorithm, KeyClass, KeyMeta};
 use keyward::proto::{
-    CodeVerdict, EnrollTotpRequest, EnrollTotpResponse, IssueCodeRequest, IssueCodeResponse, OtpHashAlgorithm,
+    CodeVerdict, EnrollHotpRequest, EnrollTotpRequest, EnrollTotpResponse, ImportOtpSeedRequest, ImportOtpSeedResponse,
+    IssueCodeRequest, IssueCodeResponse, OtpHashAlgorithm,
     TransactionContext, VerifyCodeRequest, VerifyHotpRequest, VerifyHotpResponse, VerifyTotpRequest, VerifyTotpResponse,
 };
 use openssl::hash::MessageDigest;
@@ -62,6 +63,12 @@ const ZEK_HEX: &str = "603DEB1015CA71BE2B73AEF0857D77811F352C073B6108D72D9810A30
 const ZEK_DATA: &str = "zek.vec-data";
 const ZEK_HMAC: &str = "zek.vec-hmac";
 const ZEK_AES128: &str = "zek.vec-aes128";
+/// A seed vendor's transport KEK: the AES-192 KEK of RFC 5649 section 6.
+const TRANSPORT: &str = "otp.transport.vendor";
+const TRANSPORT_HEX: &str = "5840DF6E29B02AF1AB493B705BF16EA1AE8338F4DCC176A8";
+/// Named as a transport KEK but not AES (ImportOtpSeed refuses it).
+const TRANSPORT_TDES: &str = "otp.transport.tdes";
+const TRANSPORT_TDES_HEX: &str = "0123456789ABCDEFFEDCBA9876543210";
 
 static VECTOR_KEYS: OnceLock<Vec<KeyMeta>> = OnceLock::new();
 
@@ -69,11 +76,13 @@ static VECTOR_KEYS: OnceLock<Vec<KeyMeta>> = OnceLock::new();
 /// so every test calls this before `start`). Never call with TOKEN_WRITE held.
 fn vector_keys() -> &'static [KeyMeta] {
     VECTOR_KEYS.get_or_init(|| {
-        let keys: [(&str, KeyClass, Algorithm, &str); 4] = [
+        let keys: [(&str, KeyClass, Algorithm, &str); 6] = [
             (ZEK, KeyClass::Otp, Algorithm::Aes256, ZEK_HEX),
             (ZEK_DATA, KeyClass::D0, Algorithm::Aes256, ZEK_HEX),
             (ZEK_HMAC, KeyClass::Otp, Algorithm::HmacSha256, ZEK_HEX),
             (ZEK_AES128, KeyClass::Otp, Algorithm::Aes128, &ZEK_HEX[..32]),
+            (TRANSPORT, KeyClass::K0, Algorithm::Aes192, TRANSPORT_HEX),
+            (TRANSPORT_TDES, KeyClass::K0, Algorithm::Tdes2, TRANSPORT_TDES_HEX),
         ];
         let out = import_known_keys(&keys);
         for (m, (name, _, alg, _)) in out.iter().zip(keys.iter()) {
@@ -224,6 +233,61 @@ async fn import_seed(srv: &TestServer, subject: &str, seed: &[u8], params: (OtpH
     blob
 }
 
+
+/// AES key wrap with padding (RFC 5649) in software, as a seed vendor does it: the
+/// alternative IV A65959A6 || 32-bit length, the seed zero-padded to 8 bytes, then one
+/// AES block (8-byte seeds) or the RFC 3394 wrap under that IV.
+fn wrap_pad(kek: &[u8], seed: &[u8]) -> Vec<u8> {
+    let mut aiv = [0xA6, 0x59, 0x59, 0xA6, 0, 0, 0, 0];
+    aiv[4..].copy_from_slice(&u32::try_from(seed.len()).expect("a short seed").to_be_bytes());
+    let mut p = seed.to_vec();
+    p.resize(seed.len().div_ceil(8) * 8, 0);
+    if p.len() == 8 {
+        let cipher = match kek.len() {
+            16 => openssl::symm::Cipher::aes_128_ecb(),
+            24 => openssl::symm::Cipher::aes_192_ecb(),
+            _ => openssl::symm::Cipher::aes_256_ecb(),
+        };
+        let mut c = openssl::symm::Crypter::new(cipher, openssl::symm::Mode::Encrypt, kek, None).expect("AES-ECB");
+        c.pad(false);
+        let block = [aiv.as_slice(), &p].concat();
+        let mut out = vec![0u8; 32];
+        let n = c.update(&block, &mut out).expect("one block");
+        out.truncate(n);
+        return out;
+    }
+    let key = openssl::aes::AesKey::new_encrypt(kek).expect("an AES KEK");
+    let mut out = vec![0u8; p.len() + 8];
+    let n = openssl::aes::wrap_key(&key, Some(aiv), &mut out, &p).expect("RFC 3394 wrap");
+    out.truncate(n);
+    out
+}
+
+fn import_req(subject: &str, wrapped: Vec<u8>, alg: OtpHashAlgorithm, digits: u32, period: u32) -> ImportOtpSeedRequest {
+    ImportOtpSeedRequest {
+        subject: subject.into(),
+        transport_kek: TRANSPORT.into(),
+        transport_kek_version: 0,
+        wrapped_seed: wrapped,
+        algorithm: alg as i32,
+        digits,
+        period,
+    }
+}
+
+async fn import_otp(c: &Clients, r: ImportOtpSeedRequest) -> Result<Response<ImportOtpSeedResponse>, Status> {
+    c.otp.clone().import_otp_seed(r).await
+}
+
+/// A seed imported through the public API (ImportOtpSeed as the activation role).
+async fn import_api(c: &Clients, subject: &str, seed: &[u8], alg: OtpHashAlgorithm, digits: u32) -> Vec<u8> {
+    let kek = h(TRANSPORT_HEX);
+    let r = import_otp(c, import_req(subject, wrap_pad(&kek, seed), alg, digits, 30)).await;
+    let r = r.unwrap_or_else(|s| panic!("ImportOtpSeed {alg:?}: {:?} {}", s.code(), s.message())).into_inner();
+    assert_eq!(r.kek.as_ref().map(|k| k.name.as_str()), Some("otp.kek"));
+    assert_eq!(r.transport_kek.as_ref().map(|k| (k.name.as_str(), k.version)), Some((TRANSPORT, 1)));
+    r.seed_blob
+}
 
 // ---------------------------------------------------------------------------
 // Tests
@@ -1077,5 +1141,160 @@ async fn one_client_at_its_quota_does_not_lock_out_another() {
     issue_ok(&bench, issue_req(subject, tx(8)), "another client, second").await;
     expect_code(issue(&bench, issue_req(subject, tx(9))).await, Code::ResourceExhausted, &["quota"], "bench at its quota");
     expect_code(issue(&hub, sealed(3)).await, Code::ResourceExhausted, &["quota"], "hub still at its quota");
+    srv.stop().await;
+}
+
+/// RFC 5649's own vector (a 20-byte key under its AES-192 KEK) through the software
+/// wrap, so the token-path tests below wrap the way a vendor does.
+#[test]
+fn software_wrap_reproduces_rfc5649() {
+    let kek = h(TRANSPORT_HEX);
+    assert_eq!(wrap_pad(&kek, &h("C37B7E6492584340BED12207808941155068F738")), h("138BDEAA9B8FA7FC61F97742E72248EE5AE6AE5360D1AE6A5F54F373FA543B6A"));
+    assert_eq!(wrap_pad(&kek, &h("466F7250617369")), h("AFBEB0F07DFBF5419200F2CCB50BB24F"));
+}
+
+/// ImportOtpSeed: seeds wrapped under a transport KEK (RFC 5649) by their vendor are
+/// unwrapped and re-wrapped in the token; the RFC 4226 and RFC 6238 vectors then run
+/// through the public API alone (ImportOtpSeed, VerifyHotp, VerifyTotp). The RFC
+/// 5649 vector's own wrapped bytes import too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imported_seeds_run_the_rfc_vectors_through_the_api() {
+    vector_keys();
+    let srv = start("otp-import").await;
+    let activation = srv.clients("activation").await;
+    let hub = srv.clients("hub").await;
+    let subject = "acct-imported";
+
+    let hotp_blob = import_api(&activation, subject, SEED_SHA1, OtpHashAlgorithm::Sha1, 6).await;
+    for (c, code) in HOTP.iter().enumerate() {
+        let r = hotp_ok(&hub, hotp_req(&hotp_blob, subject, code, c as u64, 1), "imported HOTP vector").await;
+        assert!(r.valid && r.next_counter == c as u64 + 1, "counter {c}: {r:?}");
+    }
+    let blobs = [
+        import_api(&activation, subject, SEED_SHA1, OtpHashAlgorithm::Sha1, 8).await,
+        import_api(&activation, subject, SEED_SHA256, OtpHashAlgorithm::Sha256, 8).await,
+        import_api(&activation, subject, SEED_SHA512, OtpHashAlgorithm::Sha512, 8).await,
+    ];
+    for (t, s1, s256, s512) in TOTP {
+        for (blob, code) in blobs.iter().zip([s1, s256, s512]) {
+            let r = totp_ok(&hub, totp_req(blob, subject, code, t, 0, 0), "imported TOTP vector").await;
+            assert!(r.valid && r.step == t / 30, "{code} at {t}: {r:?}");
+        }
+    }
+    // The blob is bound to its subject like an enrolled one.
+    expect_code(verify_hotp(&hub, hotp_req(&hotp_blob, "acct-other", HOTP[0], 0, 1)).await, Code::InvalidArgument, &["seed_blob"], "foreign subject");
+
+    // RFC 5649 section 6's wrapped 20-byte key, as published, imports as a SHA1 seed.
+    let published = h("138BDEAA9B8FA7FC61F97742E72248EE5AE6AE5360D1AE6A5F54F373FA543B6A");
+    let r = import_otp(&activation, import_req("acct-5649", published, OtpHashAlgorithm::Sha1, 6, 30)).await;
+    let blob = r.unwrap_or_else(|s| panic!("RFC 5649 vector: {} {}", s.code(), s.message())).into_inner().seed_blob;
+    let code = hotp(&h("C37B7E6492584340BED12207808941155068F738"), OtpHash::Sha1, 3, 6);
+    assert!(hotp_ok(&hub, hotp_req(&blob, "acct-5649", &code, 3, 1), "RFC 5649 seed").await.valid);
+
+    let dir = srv.audit_dir.clone();
+    srv.stop().await;
+    let lines = rpc_lines(&dir);
+    let imports: Vec<_> = lines.iter().filter(|l| l["action"].as_str().unwrap_or_default().ends_with("OtpService/ImportOtpSeed")).collect();
+    assert_eq!(imports.len(), 5, "one audit line per import");
+    for l in &imports {
+        let keys = l["keys"].to_string();
+        assert!(keys.contains("otp.transport.vendor/v1") && keys.contains("otp.kek/v"), "{keys}");
+    }
+    let trail = all_files_text(&dir);
+    assert!(!trail.contains("3132333435363738393031323334353637383930") && !trail.contains("12345678901234567890"), "a seed in the trail");
+}
+
+/// ImportOtpSeed needs its RPC and the permission "otp.import-seed"; every bad input
+/// is INVALID_ARGUMENT naming its field (a wrapped seed that does not unwrap, or
+/// unwraps to a seed longer than the digest, included), and a transport key that is
+/// not AES is FAILED_PRECONDITION.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_otp_seed_refuses_without_permission_and_names_bad_input() {
+    vector_keys();
+    let srv = start("otp-import-refusals").await;
+    let activation = srv.clients("activation").await;
+    let kek = h(TRANSPORT_HEX);
+    let good = || import_req("acct-import", wrap_pad(&kek, SEED_SHA1), OtpHashAlgorithm::Sha1, 6, 30);
+
+    // The hub holds no ImportOtpSeed RPC; the admin holds every RPC and key but not the permission.
+    expect_code(import_otp(&srv.clients("hub").await, good()).await, Code::PermissionDenied, &["ImportOtpSeed"], "hub");
+    expect_code(import_otp(&srv.clients("admin").await, good()).await, Code::PermissionDenied, &["otp.import-seed"], "admin");
+    assert!(import_otp(&activation, good()).await.is_ok(), "activation imports");
+
+    let cases: Vec<(&str, ImportOtpSeedRequest, &[&str])> = vec![
+        ("empty subject", ImportOtpSeedRequest { subject: String::new(), ..good() }, &["subject"]),
+        ("not a transport KEK", ImportOtpSeedRequest { transport_kek: "otp.kek".into(), ..good() }, &["transport_kek", "otp.transport.<name>"]),
+        ("bare prefix", ImportOtpSeedRequest { transport_kek: "otp.transport.".into(), ..good() }, &["transport_kek"]),
+        ("empty wrapped seed", ImportOtpSeedRequest { wrapped_seed: Vec::new(), ..good() }, &["wrapped_seed", "24-32 bytes", "16-20 bytes"]),
+        ("not a multiple of 8", ImportOtpSeedRequest { wrapped_seed: vec![0x5A; 25], ..good() }, &["wrapped_seed", "multiple of 8"]),
+        ("too long for SHA1", ImportOtpSeedRequest { wrapped_seed: wrap_pad(&kek, SEED_SHA256), ..good() }, &["wrapped_seed", "24-32 bytes"]),
+        ("an 8-byte seed", ImportOtpSeedRequest { wrapped_seed: wrap_pad(&kek, &[0x42; 8]), ..good() }, &["wrapped_seed", "24-32 bytes"]),
+        ("does not unwrap", ImportOtpSeedRequest { wrapped_seed: vec![0x5A; 32], ..good() }, &["wrapped_seed", "does not unwrap", "otp.transport.vendor/v1", "16-20 bytes"]),
+        ("another KEK's wrap", ImportOtpSeedRequest { wrapped_seed: wrap_pad(&h(&ZEK_HEX[..48]), SEED_SHA1), ..good() }, &["wrapped_seed", "does not unwrap"]),
+        ("digits", ImportOtpSeedRequest { digits: 9, ..good() }, &["digits"]),
+        ("period", ImportOtpSeedRequest { period: 301, ..good() }, &["period"]),
+        ("algorithm", ImportOtpSeedRequest { algorithm: 99, ..good() }, &["algorithm"]),
+        ("unknown version", ImportOtpSeedRequest { transport_kek_version: 9, ..good() }, &["otp.transport.vendor"]),
+    ];
+    for (what, r, needles) in cases {
+        let code = if what == "unknown version" { None } else { Some(Code::InvalidArgument) };
+        let s = err_of(import_otp(&activation, r).await, what);
+        if let Some(code) = code {
+            assert_eq!(s.code(), code, "{what}: {:?}", s.message());
+        } else {
+            assert!(matches!(s.code(), Code::NotFound | Code::InvalidArgument), "{what}: {:?} {:?}", s.code(), s.message());
+        }
+        for n in needles {
+            assert!(s.message().contains(n), "{what}: {:?} does not name {n:?}", s.message());
+        }
+    }
+    let r = import_otp(&activation, ImportOtpSeedRequest { transport_kek: TRANSPORT_TDES.into(), ..good() }).await;
+    expect_code(r, Code::FailedPrecondition, &["otp.transport.tdes", "not an AES transport KEK"], "TDES transport key");
+    srv.stop().await;
+}
+
+/// EnrollHotp: an otpauth://hotp/ URI with the seed and the initial counter; the
+/// codes an authenticator computes from the URI verify against the blob from that
+/// counter on, and the blob is bound to the subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_hotp_gives_a_working_counter_authenticator() {
+    vector_keys();
+    let srv = start("otp-enroll-hotp").await;
+    let activation = srv.clients("activation").await;
+    let hub = srv.clients("hub").await;
+    let subject = "acct-enroll-hotp";
+    let req = |alg: OtpHashAlgorithm, digits: u32, counter: u64| EnrollHotpRequest {
+        subject: subject.into(),
+        issuer: "Keyward Test".into(),
+        account_label: "alice@example.com".into(),
+        algorithm: alg as i32,
+        digits,
+        counter,
+    };
+    for (alg, hash, digits) in [(OtpHashAlgorithm::Sha1, OtpHash::Sha1, 6u32), (OtpHashAlgorithm::Sha256, OtpHash::Sha256, 8), (OtpHashAlgorithm::Sha512, OtpHash::Sha512, 7)] {
+        let r = activation.otp.clone().enroll_hotp(req(alg, digits, 41)).await.unwrap_or_else(|s| panic!("EnrollHotp: {s:?}")).into_inner();
+        let uri = r.provisioning_uri.as_str();
+        assert!(uri.starts_with("otpauth://hotp/Keyward%20Test:alice%40example.com?"), "{uri}");
+        assert_eq!(uri_param(uri, "counter"), Some("41"));
+        assert_eq!(uri_param(uri, "digits"), Some(digits.to_string().as_str()));
+        assert_eq!(uri_param(uri, "algorithm"), Some(hash_name(hash)));
+        assert_eq!(uri_param(uri, "period"), None, "no period in an HOTP URI");
+        let seed = uri_secret(uri);
+        assert_eq!(seed.len(), hash.digest_len());
+        for c in 41..44 {
+            let code = hotp(&seed, hash, c, digits);
+            let v = hotp_ok(&hub, hotp_req(&r.seed_blob, subject, &code, c, 1), "enrolled HOTP").await;
+            assert!(v.valid && v.next_counter == c + 1, "{alg:?} counter {c}: {v:?}");
+        }
+        let code = hotp(&seed, hash, 44, digits);
+        expect_code(verify_hotp(&hub, hotp_req(&r.seed_blob, "acct-other", &code, 44, 1)).await, Code::InvalidArgument, &["seed_blob"], "foreign subject");
+    }
+    let bad = activation.otp.clone().enroll_hotp(EnrollHotpRequest { account_label: "a:b".into(), ..req(OtpHashAlgorithm::Sha1, 6, 0) }).await;
+    expect_code(bad, Code::InvalidArgument, &["account_label"], "label with a colon");
+    let bad = activation.otp.clone().enroll_hotp(req(OtpHashAlgorithm::Sha1, 5, 0)).await;
+    expect_code(bad, Code::InvalidArgument, &["digits"], "5 digits");
+    let bad = activation.otp.clone().enroll_hotp(req(OtpHashAlgorithm::Sha1, 6, u64::MAX)).await;
+    expect_code(bad, Code::InvalidArgument, &["counter"], "the last counter");
+    expect_code(hub.otp.clone().enroll_hotp(req(OtpHashAlgorithm::Sha1, 6, 0)).await, Code::PermissionDenied, &["EnrollHotp"], "hub");
     srv.stop().await;
 }

@@ -16,16 +16,23 @@ use crate::unix_now as now;
 use super::{key_ref, AppState, Caller, Error, Note};
 use crate::crypto::mac::ct_eq;
 use crate::crypto::otp::{self, Challenge, OtpError, OtpHash, SeedBlob, TxContext};
-use crate::hsm::{self, KeyClass, KeyEntry, SeedCache, SeedHash};
+use crate::hsm::{self, Algorithm, KeyClass, KeyEntry, SeedCache, SeedHash};
 use crate::proto::otp_service_server::OtpService;
 use crate::proto::{
-    CodeVerdict, EnrollTotpRequest, EnrollTotpResponse, IssueCodeRequest, IssueCodeResponse, KeyRef, OtpHashAlgorithm,
+    CodeVerdict, EnrollHotpRequest, EnrollHotpResponse, EnrollTotpRequest, EnrollTotpResponse, ImportOtpSeedRequest,
+    ImportOtpSeedResponse, IssueCodeRequest, IssueCodeResponse, KeyRef, OtpHashAlgorithm,
     TransactionContext, VerifyCodeRequest, VerifyCodeResponse, VerifyHotpRequest, VerifyHotpResponse, VerifyTotpRequest,
     VerifyTotpResponse,
 };
 
 /// Role permission needed to receive codes in clear.
 pub const CLEAR_CODE: &str = "otp.clear-code";
+/// Role permission needed to import a seed made elsewhere (ImportOtpSeed).
+pub const IMPORT_SEED: &str = "otp.import-seed";
+/// Names of the transport KEKs ImportOtpSeed unwraps seeds with.
+pub const TRANSPORT_PREFIX: &str = "otp.transport.";
+/// The shortest seed ImportOtpSeed takes (RFC 4226: at least 128 bits).
+pub const MIN_IMPORTED_SEED: usize = 16;
 /// Key names of the service.
 pub const CODE_KEY: &str = "otp";
 pub const SEAL_KEY: &str = "otp.seal";
@@ -94,13 +101,26 @@ pub async fn seed_blob(
     let kek = cat.for_new(SEED_KEK, &[KeyClass::K0])?;
     let mac_key = cat.for_new(CODE_KEY, &[KeyClass::Otp])?;
     drop(cat);
-    let keys = vec![kek.key_ref(), mac_key.key_ref()];
-    let kek_ref = key_ref(&kek);
     let wrapped = hsm.wrap_seed(Arc::clone(&kek), seed).await?;
+    bind_blob(hsm, subject, &kek, &mac_key, wrapped, params).await
+}
+
+/// The blob of a seed wrapped under `kek`, bound to `subject` by an HMAC under
+/// `mac_key`: (encoded blob, KEK used, keys used).
+async fn bind_blob(
+    hsm: &hsm::Hsm,
+    subject: &str,
+    kek: &Arc<KeyEntry>,
+    mac_key: &Arc<KeyEntry>,
+    wrapped: Vec<u8>,
+    params: (OtpHash, u8, u32),
+) -> Result<(Vec<u8>, KeyRef, Vec<String>), Error> {
+    let (hash, digits, period) = params;
+    let keys = vec![kek.key_ref(), mac_key.key_ref()];
     let mut blob =
         SeedBlob { kek_version: kek.meta.version, mac_key_version: mac_key.meta.version, hash, digits, period, wrapped, mac: Vec::new() };
-    blob.mac = hsm.hmac(&mac_key, blob.mac_input(subject)).await?;
-    Ok((blob.encode(), kek_ref, keys))
+    blob.mac = hsm.hmac(mac_key, blob.mac_input(subject)).await?;
+    Ok((blob.encode(), key_ref(kek), keys))
 }
 
 /// A decoded seed blob with the keys to check and use it.
@@ -344,18 +364,95 @@ impl OtpSvc {
 
     async fn enroll_inner(&self, caller: &Caller, note: &mut Note, r: EnrollTotpRequest) -> Result<EnrollTotpResponse, Error> {
         otp::validate_subject(&r.subject)?;
-        let label_ok = |s: &str| !s.is_empty() && s.chars().count() <= 64 && !s.contains(':') && !s.chars().any(char::is_control);
-        if !label_ok(&r.issuer) {
-            return Err(Error::invalid("issuer", "1-64 characters, no ':' or control characters"));
-        }
-        if !label_ok(&r.account_label) {
-            return Err(Error::invalid("account_label", "1-64 characters, no ':' or control characters"));
-        }
+        Self::labels(&r.issuer, &r.account_label)?;
         let (hash, digits, period) = Self::seed_params(r.algorithm, r.digits, r.period)?;
         let seed = self.state.hsm.random_async(hash.digest_len()).await?;
         let uri = otp::otpauth_uri(&r.issuer, &r.account_label, &seed, hash, digits, period);
         let (blob, kek) = self.seal_seed(caller, note, &r.subject, seed, (hash, digits, period)).await?;
         Ok(EnrollTotpResponse { provisioning_uri: uri.to_string(), seed_blob: blob, kek: Some(kek) })
+    }
+
+    /// The issuer and account label shown in the authenticator app.
+    fn labels(issuer: &str, account_label: &str) -> Result<(), Error> {
+        let label_ok = |s: &str| !s.is_empty() && s.chars().count() <= 64 && !s.contains(':') && !s.chars().any(char::is_control);
+        if !label_ok(issuer) {
+            return Err(Error::invalid("issuer", "1-64 characters, no ':' or control characters"));
+        }
+        if !label_ok(account_label) {
+            return Err(Error::invalid("account_label", "1-64 characters, no ':' or control characters"));
+        }
+        Ok(())
+    }
+
+    async fn enroll_hotp_inner(&self, caller: &Caller, note: &mut Note, r: EnrollHotpRequest) -> Result<EnrollHotpResponse, Error> {
+        otp::validate_subject(&r.subject)?;
+        Self::labels(&r.issuer, &r.account_label)?;
+        // The period is not used by HOTP; the blob carries the default.
+        let (hash, digits, period) = Self::seed_params(r.algorithm, r.digits, 0)?;
+        if r.counter == u64::MAX {
+            return Err(Error::invalid("counter", "must be below 2^64 - 1"));
+        }
+        let seed = self.state.hsm.random_async(hash.digest_len()).await?;
+        let uri = otp::otpauth_hotp_uri(&r.issuer, &r.account_label, &seed, hash, digits, r.counter);
+        let (blob, kek) = self.seal_seed(caller, note, &r.subject, seed, (hash, digits, period)).await?;
+        Ok(EnrollHotpResponse { provisioning_uri: uri.to_string(), seed_blob: blob, kek: Some(kek) })
+    }
+
+    /// ImportOtpSeed: the seed is unwrapped under the named transport KEK and wrapped
+    /// under `otp.kek` in one token job, then bound to the subject as EnrollTotp does.
+    async fn import_inner(&self, caller: &Caller, note: &mut Note, r: ImportOtpSeedRequest) -> Result<ImportOtpSeedResponse, Error> {
+        if !caller.role.has_permission(IMPORT_SEED) {
+            return Err(Error::PermissionDenied(format!(
+                "role {} may not import OTP seeds (permission {IMPORT_SEED})",
+                caller.role.name
+            )));
+        }
+        otp::validate_subject(&r.subject)?;
+        let (hash, digits, period) = Self::seed_params(r.algorithm, r.digits, r.period)?;
+        hsm::validate_name(&r.transport_kek).map_err(|m| Error::invalid("transport_kek", m))?;
+        if !r.transport_kek.starts_with(TRANSPORT_PREFIX) || r.transport_kek.len() == TRANSPORT_PREFIX.len() {
+            return Err(Error::invalid("transport_kek", format!("must name a transport KEK \"{TRANSPORT_PREFIX}<name>\"")));
+        }
+        // RFC 4226 asks for a secret of at least 128 bits; the wrap pads to 8 bytes and
+        // adds 8, so a wrap of 16 bytes can only hold a seed of 8 bytes or fewer.
+        let max = hash.digest_len();
+        let max_wrapped = max.div_ceil(8) * 8 + 8;
+        let n = r.wrapped_seed.len();
+        if !(24..=max_wrapped).contains(&n) || n % 8 != 0 {
+            return Err(Error::invalid(
+                "wrapped_seed",
+                format!(
+                    "must be 24-{max_wrapped} bytes, a multiple of 8 (AES key wrap with padding of a seed of \
+                     {MIN_IMPORTED_SEED}-{max} bytes)"
+                ),
+            ));
+        }
+        caller.may_use_key(&r.transport_kek)?;
+        caller.may_use_key(SEED_KEK)?;
+        caller.may_use_key(CODE_KEY)?;
+        let cat = self.state.hsm.catalogue();
+        let transport = match r.transport_kek_version {
+            0 => cat.for_new(&r.transport_kek, &[KeyClass::K0])?,
+            v => cat.for_existing(&r.transport_kek, v, &[KeyClass::K0])?,
+        };
+        let kek = cat.for_new(SEED_KEK, &[KeyClass::K0])?;
+        let mac_key = cat.for_new(CODE_KEY, &[KeyClass::Otp])?;
+        drop(cat);
+        if !matches!(transport.meta.algorithm, Algorithm::Aes128 | Algorithm::Aes192 | Algorithm::Aes256) {
+            return Err(Error::FailedPrecondition(format!("key {}: not an AES transport KEK", transport.key_ref())));
+        }
+        note.keys.push(transport.key_ref());
+        let wrapped =
+            self.state.hsm.rewrap_seed(Arc::clone(&transport), r.wrapped_seed, Arc::clone(&kek), (MIN_IMPORTED_SEED, max)).await.map_err(|e| match e {
+                hsm::Error::VerifyFailed => Error::invalid(
+                    "wrapped_seed",
+                    format!("does not unwrap under {} to a seed of {MIN_IMPORTED_SEED}-{max} bytes", transport.key_ref()),
+                ),
+                other => other.into(),
+            })?;
+        let (blob, kek_ref, keys) = bind_blob(&self.state.hsm, &r.subject, &kek, &mac_key, wrapped, (hash, digits, period)).await?;
+        note.keys.extend(keys);
+        Ok(ImportOtpSeedResponse { seed_blob: blob, kek: Some(kek_ref), transport_kek: Some(key_ref(&transport)) })
     }
 
     /// The blob of a verification request and its keys; its MAC (binding it to
@@ -494,6 +591,20 @@ impl OtpService for OtpSvc {
         let caller = Caller::of(&req)?;
         let mut note = Note::default();
         let r = self.state.within_deadline(&caller, self.enroll_inner(&caller, &mut note, req.into_inner())).await;
+        self.state.finish(&caller, note, r).await
+    }
+
+    async fn enroll_hotp(&self, req: Request<EnrollHotpRequest>) -> Result<Response<EnrollHotpResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        let mut note = Note::default();
+        let r = self.state.within_deadline(&caller, self.enroll_hotp_inner(&caller, &mut note, req.into_inner())).await;
+        self.state.finish(&caller, note, r).await
+    }
+
+    async fn import_otp_seed(&self, req: Request<ImportOtpSeedRequest>) -> Result<Response<ImportOtpSeedResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        let mut note = Note::default();
+        let r = self.state.within_deadline(&caller, self.import_inner(&caller, &mut note, req.into_inner())).await;
         self.state.finish(&caller, note, r).await
     }
 

@@ -497,15 +497,44 @@ pub fn otpauth_uri(
     digits: u8,
     period: u32,
 ) -> Zeroizing<String> {
+    key_uri("totp", issuer, account, secret, hash, digits, ("&period=", period.to_string()))
+}
+
+/// The Key Uri Format provisioning URI of an HOTP seed: as [`otpauth_uri`], with
+/// `otpauth://hotp/` and `&counter=<initial counter>` instead of the period.
+pub fn otpauth_hotp_uri(
+    issuer: &str,
+    account: &str,
+    secret: &[u8],
+    hash: OtpHash,
+    digits: u8,
+    counter: u64,
+) -> Zeroizing<String> {
+    key_uri("hotp", issuer, account, secret, hash, digits, ("&counter=", counter.to_string()))
+}
+
+/// `otpauth://<kind>/...` with the last parameter `last` (name with its `&` and `=`,
+/// value).
+fn key_uri(
+    kind: &str,
+    issuer: &str,
+    account: &str,
+    secret: &[u8],
+    hash: OtpHash,
+    digits: u8,
+    last: (&str, String),
+) -> Zeroizing<String> {
     let issuer = utf8_percent_encode(issuer, URI_COMPONENT).to_string();
     let account = utf8_percent_encode(account, URI_COMPONENT).to_string();
     let enc = &data_encoding::BASE32_NOPAD;
     let mut b32 = Zeroizing::new(vec![0u8; enc.encode_len(secret.len())]);
     enc.encode_mut(secret, &mut b32);
     let digits = digits.to_string();
-    let period = period.to_string();
-    let parts: [&str; 13] = [
-        "otpauth://totp/",
+    let (last_name, last_value) = last;
+    let parts: [&str; 15] = [
+        "otpauth://",
+        kind,
+        "/",
         &issuer,
         ":",
         &account,
@@ -517,24 +546,24 @@ pub fn otpauth_uri(
         hash.uri_name(),
         "&digits=",
         &digits,
-        "&period=",
+        last_name,
     ];
-    let cap = parts.iter().map(|p| p.len()).sum::<usize>() + b32.len() + period.len();
+    let cap = parts.iter().map(|p| p.len()).sum::<usize>() + b32.len() + last_value.len();
     // Sized once so that no reallocation leaves a copy of the secret behind.
     let mut uri = Zeroizing::new(String::with_capacity(cap));
     for (i, p) in parts.iter().enumerate() {
-        if i == 5 {
+        if i == 7 {
             uri.extend(b32.iter().map(|&b| char::from(b)));
         } else {
             uri.push_str(p);
         }
     }
-    uri.push_str(&period);
+    uri.push_str(&last_value);
     uri
 }
 
 /// Zero-pads an HOTP/TOTP seed shorter than the digest to the digest length
-/// (DESIGN.md: HMAC pads short keys with zeros anyway, so codes do not change, and
+/// (HMAC pads short keys with zeros anyway, so codes do not change, and
 /// SoftHSM accepts the key). An empty seed or one longer than the digest is refused.
 pub fn pad_seed(seed: &[u8], hash: OtpHash) -> Result<Zeroizing<Vec<u8>>, OtpError> {
     let n = hash.digest_len();
@@ -1153,6 +1182,17 @@ mod tests {
             uri.as_str(),
             "otpauth://totp/Keyward:alice%40example.com?secret=GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ\
              &issuer=Keyward&algorithm=SHA1&digits=6&period=30"
+        );
+        assert_eq!(uri.len(), uri.capacity());
+    }
+
+    #[test]
+    fn otpauth_hotp_uri_known_secret() {
+        let uri = otpauth_hotp_uri("Keyward", "alice@example.com", SEED_SHA1, OtpHash::Sha1, 6, 42);
+        assert_eq!(
+            uri.as_str(),
+            "otpauth://hotp/Keyward:alice%40example.com?secret=GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ\
+             &issuer=Keyward&algorithm=SHA1&digits=6&counter=42"
         );
         assert_eq!(uri.len(), uri.capacity());
     }

@@ -8,13 +8,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use zeroize::Zeroizing;
 
 use super::keys::{destroy_if_present, Catalogue, KeyEntry};
 use super::token::Hsm;
-use super::{ck, ck_verify, Error, Result};
+use super::{ck, ck_verify, Error, OpKind, Result};
 
 /// HMAC hash of a seed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,6 +102,56 @@ impl Hsm {
             let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, k.handle, h).map_err(ck("wrap seed"));
             destroy_if_present(s, h)?;
             wrapped
+        })
+        .await
+    }
+
+    /// Imports a seed wrapped under `transport` (AES key wrap with padding): unwraps it
+    /// in the token into a session object, checks its length (`lens`: the least and
+    /// most bytes, where the token reports it) and wraps it under `kek` as
+    /// [`Hsm::wrap_seed`] does, so the seed never leaves the token in clear. Data that
+    /// does not unwrap, or a seed of another length, is [`Error::VerifyFailed`].
+    pub async fn rewrap_seed(
+        &self,
+        transport: Arc<KeyEntry>,
+        wrapped: Vec<u8>,
+        kek: Arc<KeyEntry>,
+        lens: (usize, usize),
+    ) -> Result<Vec<u8>> {
+        let (min_len, max_len) = lens;
+        self.call_anchor(move |s, cat| {
+            let t = cat.handles_of(&transport)?;
+            let k = cat.handles_of(&kek)?;
+            let h = s
+                .unwrap_key(&Mechanism::AesKeyWrapPad, t.handle, &wrapped, &seed_template(false, true))
+                .map_err(|e| match e {
+                    CkError::Pkcs11(
+                        RvError::WrappedKeyInvalid
+                        | RvError::WrappedKeyLenRange
+                        | RvError::EncryptedDataInvalid
+                        | RvError::EncryptedDataLenRange
+                        | RvError::DataInvalid
+                        | RvError::DataLenRange
+                        | RvError::GeneralError,
+                        _,
+                    ) => Error::VerifyFailed,
+                    other => Error::from_ck("unwrap imported seed", OpKind::Verify, other),
+                })?;
+            let rewrapped = (|| {
+                let len = match s.get_attributes(h, &[AttributeType::ValueLen]).map_err(ck("get_attributes"))?.first() {
+                    Some(Attribute::ValueLen(n)) => usize::try_from(u64::from(*n)).unwrap_or(usize::MAX),
+                    _ => return Err(Error::Token { op: "imported seed length", rv: "no CKA_VALUE_LEN".into() }),
+                };
+                // A token that reports the unwrapped length (CKA_VALUE_LEN) has it
+                // checked here; SoftHSM reports 0 for an unwrapped generic secret, and
+                // then the wrapped length (checked by the caller) bounds the seed.
+                if len != 0 && !(min_len..=max_len).contains(&len) {
+                    return Err(Error::VerifyFailed);
+                }
+                s.wrap_key(&Mechanism::AesKeyWrapPad, k.handle, h).map_err(ck("wrap seed"))
+            })();
+            destroy_if_present(s, h)?;
+            rewrapped
         })
         .await
     }
