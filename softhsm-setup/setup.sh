@@ -237,7 +237,7 @@ if [ "$mode" = generate ]; then
     SO_PIN=$(get_pin KEYWARD_SO_PIN "$STATE_DIR/so.pin" generate)
     check_pin_length "SO PIN" "$SO_PIN"
     log "initialising token '$LABEL' in $TOKEN_DIR"
-    # Development PINs on softhsm2-util's argv are acceptable (DESIGN.md, clear-text rules).
+    # Development PINs on softhsm2-util's argv are acceptable (the tokens are throw-away).
     softhsm2-util --init-token --free --label "$LABEL" --so-pin "$SO_PIN" --pin "$USER_PIN" >&2
     token_exists || die "token '$LABEL' not listed after initialisation"
 else

@@ -106,7 +106,7 @@ async fn ceremony_keys_are_sensitive_unextractable_private_with_profile_classes(
         let allowed = pk.class.usage(pk.algorithm).expect("the profile only has allowed class/algorithm pairs");
         let widened = usage_within(flags.usage, allowed);
         assert!(widened.is_empty(), "{}: usage wider than class {} allows: {widened:?}", pk.name, pk.class);
-        // DESIGN.md: KEKs, BDKs and the audit signing key are MODIFIABLE=false, used in
+        // KEKs, BDKs and the audit signing key are MODIFIABLE=false, used in
         // place. (The `audit` chain key is a hot-path key copied into a session object.)
         if matches!(pk.class, KeyClass::K0 | KeyClass::B0) || pk.name == "audit.sign" {
             assert!(!flags.modifiable, "{}: KEK/BDK/audit.sign must be MODIFIABLE=false", pk.name);

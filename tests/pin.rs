@@ -200,7 +200,7 @@ fn luhn(body: &str) -> u8 {
     ((10 - sum % 10) % 10) as u8
 }
 
-/// DESIGN.md: an 11-digit national mobile number and its Luhn digit.
+/// An 11-digit national mobile number and its Luhn digit.
 fn virtual_pan(phone: &str) -> String {
     let national = phone.strip_prefix("+86").unwrap_or(phone);
     format!("{national}{}", luhn(national))

@@ -1,5 +1,5 @@
-//! Per-appliance attempt and single-use state of issued OTP challenges (DESIGN.md,
-//! "Scale-out"): attempts are counted before the code is compared, a challenge is
+//! Per-appliance attempt and single-use state of issued OTP challenges (one store per
+//! appliance; see the README's multi-appliance rule): attempts are counted before the code is compared, a challenge is
 //! used at most once, entries leave only after they expire, and at a ceiling new
 //! challenges are refused rather than old state forgotten. Challenge ids are random
 //! and carry no secret; codes never enter this module.

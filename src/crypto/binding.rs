@@ -6,7 +6,7 @@
 //! AES-GCM in the token, frames the sealed blob and builds the blind index's HMAC
 //! input. Phone numbers, account numbers, ID numbers, names and addresses live in
 //! zeroizing memory and never appear in an error message or Debug output: errors name
-//! the field and the rule broken, never the value (DESIGN.md, "Clear-text rules").
+//! the field and the rule broken, never the value.
 
 use std::fmt::{self, Write as _};
 

@@ -32,7 +32,7 @@ const TDES_MAX_ONE_BITS: u32 = 10;
 
 /// Variant of the BDK for the right half of the TDES IPEK (X9.24-1 A.6). The token
 /// has no XOR mechanism, so the ceremony stores `BDK xor TDES_BDK_VARIANT` as a
-/// companion key (DESIGN.md, "Encodings everyone must share").
+/// companion key.
 pub const TDES_BDK_VARIANT: [u8; 16] = [
     0xC0, 0xC0, 0xC0, 0xC0, 0x00, 0x00, 0x00, 0x00, 0xC0, 0xC0, 0xC0, 0xC0, 0x00, 0x00, 0x00, 0x00,
 ];

@@ -1,5 +1,4 @@
-//! The domain-separated encoding every MAC, HMAC and AEAD input uses (DESIGN.md,
-//! "Encodings everyone must share"): an ASCII tag, a zero byte, then each field as
+//! The domain-separated encoding every MAC, HMAC and AEAD input uses: an ASCII tag, a zero byte, then each field as
 //! a 4-byte big-endian length followed by its bytes.
 
 /// Encodes `fields` under `tag`. Fields longer than 4 GiB cannot occur here: every

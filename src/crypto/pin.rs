@@ -1,5 +1,5 @@
 //! ISO 9564-1 PIN blocks (formats 0, 1, 3, 4), the account numbers they bind to
-//! (card PANs and the phone-number virtual PAN of DESIGN.md), clear PINs in
+//! (card PANs and the phone-number virtual PAN), clear PINs in
 //! zeroizing memory, and the pure parts of PIN verification (IBM 3624 offset, Visa
 //! PVV, keyward's HMAC input). Every encipherment is a caller-supplied closure: the
 //! keys live in the token.
@@ -117,8 +117,7 @@ impl Account {
         })
     }
 
-    /// The virtual PAN of a phone-number account (DESIGN.md, "The phone number as
-    /// account number"): a Chinese mobile number, given as `+86` and 11 digits or as
+    /// The virtual PAN of a phone-number account a Chinese mobile number, given as `+86` and 11 digits or as
     /// the bare 11 digits, the first digit 1; the national 11 digits followed by their
     /// Luhn check digit. "13812345678" -> "138123456780". Other country codes, and the
     /// ambiguous "86" without `+`, are refused.
@@ -215,8 +214,8 @@ pub fn luhn_check_digit(digits: &str) -> Option<u8> {
     Some(((10 - sum % 10) % 10) as u8)
 }
 
-/// A clear PIN of 4-12 digits in zeroizing memory. Not `Clone` (DESIGN.md, "Clear-text
-/// rules": never clone a clear PIN); Debug prints only the length.
+/// A clear PIN of 4-12 digits in zeroizing memory. Not `Clone` (a clear PIN is never
+/// cloned); Debug prints only the length.
 pub struct Pin {
     /// Digit values 0..=9; capacity fixed at [`MAX_PIN`] so pushes never reallocate.
     digits: Zeroizing<Vec<u8>>,

@@ -1,6 +1,6 @@
 //! Public keys (parsed once): P-256 for devices and, for the appliance's signing keys,
 //! P-256 or Ed25519. Strict ECDSA-P256-SHA256 verification of raw `r || s` signatures
-//! (low-S only, DESIGN.md "Encodings everyone must share"), pure Ed25519 verification,
+//! (low-S only), pure Ed25519 verification,
 //! and a software P-256 signer for the simulated wallet and for tests.
 
 use std::cmp::Ordering;
@@ -187,7 +187,7 @@ impl PublicKey {
         }
     }
 
-    /// DER SubjectPublicKeyInfo (the export form of DESIGN.md).
+    /// DER SubjectPublicKeyInfo (the export form).
     pub fn to_spki_der(&self) -> Result<Vec<u8>, EcashError> {
         self.pkey()?.public_key_to_der().map_err(|_| EcashError::Crypto("public key export"))
     }

@@ -107,7 +107,7 @@ impl KeyClass {
         use Family::*;
         let fam = alg.family();
         let kcv = Usage { sign: fam == Aes || fam == Hmac, encrypt: fam == Des, ..Usage::NONE };
-        // Single DES only as one half of an ISO 9797-1 retail MAC key (DESIGN.md).
+        // Single DES only as one half of an ISO 9797-1 retail MAC key.
         if alg == Algorithm::Des && self != KeyClass::M3 {
             return None;
         }
@@ -228,8 +228,8 @@ impl Algorithm {
         }
     }
 
-    /// Length of the secret value in bytes (HMAC keys: the digest length; see DESIGN.md
-    /// on zero-padding short HMAC keys). `None` for asymmetric keys.
+    /// Length of the secret value in bytes (HMAC keys: the digest length; shorter seeds
+    /// are zero-padded to it, see `crypto::otp::pad_seed`). `None` for asymmetric keys.
     pub fn secret_len(self) -> Option<usize> {
         match self {
             Algorithm::Aes128 => Some(16),
@@ -411,7 +411,7 @@ pub fn validate_name(name: &str) -> std::result::Result<(), String> {
     }
 }
 
-/// Suffixes of the token keys that make up one logical key (DESIGN.md, Encodings):
+/// Suffixes of the token keys that make up one logical key:
 /// a retail-MAC key is two single-DES halves; a TDES BDK has a companion holding
 /// BDK xor C0C0C0C000000000C0C0C0C000000000, since the token has no XOR mechanism.
 pub const LEFT_SUFFIX: &str = ".left";
@@ -480,7 +480,7 @@ pub fn set_des_parity(value: &mut [u8]) {
 
 /// Whether a key is copied into a session object for speed, leaving a modifiable
 /// token original; KEKs, BDKs and the audit checkpoint key are used in place and
-/// created non-modifiable (SoftHSM cannot copy non-modifiable keys; see DESIGN.md).
+/// created non-modifiable (SoftHSM cannot copy non-modifiable keys).
 /// The audit chain key signs one HMAC per RPC, so it is a hot-path key: copied
 /// (measured 20 us per HMAC in place against 7 us on a session copy).
 pub fn uses_session_copy(name: &str, class: KeyClass) -> bool {
@@ -700,7 +700,7 @@ pub(crate) fn flag_problems(flags: &KeyFlags, allowed: Usage, in_place: bool) ->
     let mut problems = Vec::new();
     if in_place && flags.modifiable {
         // A key used in place must not be modifiable, or its flags could be widened
-        // after the start-up check (DESIGN.md, Key model).
+        // after the start-up check.
         problems.push("MODIFIABLE but used in place".to_string());
     }
     if !flags.sensitive {
