@@ -165,6 +165,7 @@ pub fn audit_verify(
                     println!("NOT CHECKED: {failure}");
                     return ExitCode::from(2);
                 }
+                appliance::audit::FailureKind::Unsealed => println!("UNSEALED: {failure}"),
                 _ => println!("TAMPERED: {failure}"),
             }
             ExitCode::from(1)

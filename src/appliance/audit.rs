@@ -6,16 +6,34 @@
 //! Every event is one compact JSON line in a daily file `DIR/audit.YYYY-MM-DD.jsonl`
 //! (UTC). Fields appear in this order:
 //!
-//! `ts, seq, prev_hash, kind, client, role, action, keys, outcome, code, latency_us,
-//! request_id, subjects, [detail], [head, sig, sig_key], chain_key, hash`
+//! `v, ts, seq, prev_hash, kind, client, role, action, keys, outcome, code, latency_us,
+//! request_id, subjects, [detail], [head, sig, sig_key], chain_key, hash, [seal]`
 //!
-//! `detail` is left out when absent; `head`, `sig` and `sig_key` appear on checkpoint
-//! lines only; `chain_key` is the `audit/vN` label of the HMAC key. `seq` starts at 1 and
-//! grows by one per line across files, processes and restarts; `prev_hash` is the previous
-//! line's `hash` (64 zeros before the first line). The line without its
-//! `,"hash":"…"` suffix, but with the closing brace, is the *body*, and
+//! `v` is the line format (2); `detail` is left out when absent; `head`, `sig` and
+//! `sig_key` appear on checkpoint lines only; `chain_key` is the `audit/vN` label of the
+//! token's HMAC key that seals the chain. `seq` starts at 1 and grows by one per line
+//! across files, processes and restarts; `prev_hash` is the previous line's `hash` (64
+//! zeros before the first line). The line without its `,"hash":"…"` (and `,"seal":"…"`)
+//! suffix, but with the closing brace, is the *body*, and
 //!
-//! `hash = hex(HMAC-SHA256(audit key, "keyward/v1/audit" || 0x00 || u32be(len(body)) || body))`.
+//! `hash = hex(SHA-256("keyward/v2/audit" || 0x00 || u32be(len(body)) || body))`.
+//!
+//! The hashes chain every line to all lines before it; the token seals the chain once
+//! per group commit: the last line each batch writes carries
+//!
+//! `seal = hex(HMAC-SHA256(audit key, "keyward/v2/audit-seal" || 0x00 || u64be(seq) || hash))`
+//!
+//! over its own seq and hash, so one token MAC authenticates the batch and everything
+//! before it. A caller is answered only after the sealed batch is synced, so every
+//! acknowledged line is covered by a seal; lines after the last seal were never
+//! acknowledged (a batch cut off mid-write) or were written without the token. The
+//! verifier refuses such an unsealed tail; a writer that finds one drops it (and says so
+//! in its next line) after checking the seal it continues from.
+//!
+//! Format 1 lines (no `v` field; written by earlier versions) carry no seal: their
+//! `hash` is `HMAC-SHA256(audit key, "keyward/v1/audit" || 0x00 || u32be(len(body)) ||
+//! body)`, so each authenticates itself and the chain before it. A trail may hold format 1
+//! lines followed by format 2 lines; the verifier reads both.
 //!
 //! A checkpoint line (`kind` = `checkpoint`) signs the chain head it follows: `head` is
 //! the previous line's hash, `sig` is hex of a raw low-S ECDSA P-256 signature r||s by the
@@ -25,7 +43,7 @@
 //! [`AuditOptions::checkpoint_every`] lines, at most [`AuditOptions::checkpoint_interval`]
 //! after any line that no checkpoint covers yet, as the first line of each new day and at
 //! shutdown, and each is also appended to `DIR/checkpoints.jsonl`, the copy to ship
-//! elsewhere: the HMAC chain stops edits by anyone without the token, the shipped
+//! elsewhere: the sealed chain stops edits by anyone without the token, the shipped
 //! checkpoints stop truncation and rewriting by a holder of the user PIN. Lines after
 //! the last checkpoint are anchored by the chain head ([`AuditTrail::head`]) a monitor
 //! keeps and hands back to the verifier ([`VerifyOptions::expect_head`]).
@@ -62,8 +80,14 @@ use openssl::pkey::{PKey, Public};
 use serde::{Deserialize, Serialize};
 use tracing_appender::rolling::{RollingFileAppender, Rotation};
 
-/// Domain tag of the chain HMAC input.
+/// Domain tag of the format 1 line HMAC input.
 pub const CHAIN_TAG: &[u8] = b"keyward/v1/audit";
+/// Domain tag of the format 2 line hash input.
+pub const CHAIN_TAG_V2: &[u8] = b"keyward/v2/audit";
+/// Domain tag of the format 2 seal HMAC input.
+pub const SEAL_TAG: &[u8] = b"keyward/v2/audit-seal";
+/// The line format this version writes.
+pub const LINE_FORMAT: u64 = 2;
 /// Domain tag of the checkpoint signature input.
 pub const CHECKPOINT_TAG: &[u8] = b"keyward/v1/audit-checkpoint";
 /// `prev_hash` of the very first line.
@@ -73,8 +97,11 @@ pub const CHECKPOINTS_FILE: &str = "checkpoints.jsonl";
 /// Name of the lock file that serialises writers.
 pub const LOCK_FILE: &str = ".lock";
 
-/// `,"hash":"` + 64 hex digits + `"}`.
+/// `,"hash":"` + 64 hex digits + `"}` (the end of an unsealed line).
+#[cfg(test)]
 const HASH_SUFFIX_LEN: usize = 9 + 64 + 2;
+/// `,"hash":"` (or `,"seal":"`) + 64 hex digits + `"`.
+const FIELD_SUFFIX_LEN: usize = 9 + 64 + 1;
 /// Longest `detail` kept (bytes); longer text is cut at a character boundary.
 const MAX_DETAIL: usize = 512;
 /// Longest line body the writer accepts.
@@ -144,7 +171,7 @@ pub trait AuditKeys: Send + Sync + 'static {
     fn chain_key_label(&self) -> String;
 }
 
-/// The bytes the chain HMAC covers for a line body:
+/// The bytes a format 1 line's HMAC covers for its body:
 /// `"keyward/v1/audit" || 0x00 || u32be(len(body)) || body`.
 pub fn chain_mac_input(body: &[u8]) -> Vec<u8> {
     // The writer caps bodies at MAX_BODY, so the length always fits.
@@ -154,6 +181,28 @@ pub fn chain_mac_input(body: &[u8]) -> Vec<u8> {
     v.push(0);
     v.extend_from_slice(&len.to_be_bytes());
     v.extend_from_slice(body);
+    v
+}
+
+/// A format 2 line's hash: `SHA-256("keyward/v2/audit" || 0x00 || u32be(len(body)) || body)`.
+pub fn line_hash(body: &[u8]) -> [u8; 32] {
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    // The streaming hasher: the one-shot helper fetches the digest anew on every call.
+    let mut h = openssl::sha::Sha256::new();
+    h.update(CHAIN_TAG_V2);
+    h.update(&[0]);
+    h.update(&len.to_be_bytes());
+    h.update(body);
+    h.finish()
+}
+
+/// The bytes a seal's HMAC covers: `"keyward/v2/audit-seal" || 0x00 || u64be(seq) || hash`.
+pub fn seal_input(seq: u64, hash: &[u8; 32]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(SEAL_TAG.len() + 1 + 8 + 32);
+    v.extend_from_slice(SEAL_TAG);
+    v.push(0);
+    v.extend_from_slice(&seq.to_be_bytes());
+    v.extend_from_slice(hash);
     v
 }
 
@@ -212,6 +261,19 @@ pub struct AuditEvent {
     /// Short non-secret text; cut to 512 bytes when written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+}
+
+impl EventKind {
+    /// The name written into a line's `kind` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Rpc => "rpc",
+            EventKind::Ceremony => "ceremony",
+            EventKind::Checkpoint => "checkpoint",
+            EventKind::Start => "start",
+            EventKind::Stop => "stop",
+        }
+    }
 }
 
 impl AuditEvent {
@@ -336,23 +398,109 @@ struct CheckpointFields {
     sig_key: String,
 }
 
-/// A line without its hash: serialised, it is the body the HMAC covers.
-#[derive(Serialize)]
-struct LineBody<'a> {
-    ts: &'a str,
-    seq: u64,
-    prev_hash: &'a str,
-    #[serde(flatten)]
-    event: &'a AuditEvent,
-    #[serde(flatten)]
-    checkpoint: Option<&'a CheckpointFields>,
-    chain_key: &'a str,
+/// Appends `s` as a JSON string, escaped exactly as `serde_json` escapes it.
+fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &str = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if esc.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        } else {
+            out.push_str(esc);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
 }
 
-/// The full line (with newline) for `body` and its MAC.
-fn seal_line(body: &str, mac: &[u8; 32]) -> String {
-    let open = body.strip_suffix('}').unwrap_or(body);
-    format!("{open},\"hash\":\"{}\"}}\n", hex::encode(mac))
+/// Appends `"name":` and a JSON array of strings.
+fn push_str_array(out: &mut String, items: &[String]) {
+    out.push('[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_str(out, item);
+    }
+    out.push(']');
+}
+
+/// Appends 64 lower-case hex digits of `bytes`.
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for &b in bytes {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+}
+
+/// Writes a format 2 line body (with its closing brace) into `out`, fields in the
+/// documented order. Built by hand: this runs once per audited call.
+fn write_body(
+    out: &mut String,
+    ts: &str,
+    seq: u64,
+    prev_hash: &[u8; 32],
+    ev: &AuditEvent,
+    checkpoint: Option<&CheckpointFields>,
+    chain_key: &str,
+) {
+    use std::fmt::Write as _;
+    // Writing into a String cannot fail.
+    let _ = write!(out, "{{\"v\":{LINE_FORMAT},\"ts\":");
+    push_json_str(out, ts);
+    let _ = write!(out, ",\"seq\":{seq},\"prev_hash\":\"");
+    push_hex(out, prev_hash);
+    out.push_str("\",\"kind\":\"");
+    out.push_str(ev.kind.as_str());
+    out.push_str("\",\"client\":");
+    push_json_str(out, &ev.client);
+    out.push_str(",\"role\":");
+    push_json_str(out, &ev.role);
+    out.push_str(",\"action\":");
+    push_json_str(out, &ev.action);
+    out.push_str(",\"keys\":");
+    push_str_array(out, &ev.keys);
+    out.push_str(",\"outcome\":");
+    push_json_str(out, &ev.outcome);
+    out.push_str(",\"code\":");
+    push_json_str(out, &ev.code);
+    let _ = write!(out, ",\"latency_us\":{},\"request_id\":", ev.latency_us);
+    push_json_str(out, &ev.request_id);
+    out.push_str(",\"subjects\":");
+    push_str_array(out, &ev.subjects);
+    if let Some(detail) = &ev.detail {
+        out.push_str(",\"detail\":");
+        push_json_str(out, detail);
+    }
+    if let Some(cp) = checkpoint {
+        out.push_str(",\"head\":");
+        push_json_str(out, &cp.head);
+        out.push_str(",\"sig\":");
+        push_json_str(out, &cp.sig);
+        out.push_str(",\"sig_key\":");
+        push_json_str(out, &cp.sig_key);
+    }
+    out.push_str(",\"chain_key\":");
+    push_json_str(out, chain_key);
+    out.push('}');
 }
 
 /// Now as (`2026-11-23T14:05:09.123456Z`, `2026-11-23`).
@@ -367,11 +515,15 @@ fn utc_stamp() -> (String, String) {
 // Parsing lines (shared by the writer's tail reading and the verifier)
 // ---------------------------------------------------------------------------------------
 
-/// A line split into body and hash, with its chain fields.
+/// A line split into body, hash and seal, with its chain fields.
 #[derive(Debug)]
 struct ParsedLine {
     body: String,
     hash: [u8; 32],
+    /// The token's seal (format 2 lines that end a batch).
+    seal: Option<[u8; 32]>,
+    /// Line format: 1 (no `v` field, a keyed hash per line) or 2.
+    format: u64,
     seq: u64,
     prev_hash: [u8; 32],
     fields: serde_json::Map<String, serde_json::Value>,
@@ -380,6 +532,12 @@ struct ParsedLine {
 impl ParsedLine {
     fn str_field(&self, name: &str) -> Option<&str> {
         self.fields.get(name).and_then(|v| v.as_str())
+    }
+
+    /// Whether the token authenticates the chain up to and including this line by
+    /// itself: a format 1 line (keyed hash) or a sealed format 2 line.
+    fn authenticates(&self) -> bool {
+        self.format == 1 || self.seal.is_some()
     }
 }
 
@@ -393,26 +551,59 @@ fn parse_hex32(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// Splits a line (without newline) into body and hash and reads its chain fields.
+/// Splits `rest` (a line without its closing brace) at a trailing `,"NAME":"<64 hex>"`.
+fn split_hex_field<'a>(rest: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
+    if rest.len() < FIELD_SUFFIX_LEN || !rest.is_char_boundary(rest.len() - FIELD_SUFFIX_LEN) {
+        return None;
+    }
+    let (open, field) = rest.split_at(rest.len() - FIELD_SUFFIX_LEN);
+    let hex = field.strip_prefix(prefix)?.strip_suffix('"')?;
+    Some((open, hex))
+}
+
+/// Splits a line (without newline) into body, hash and seal and reads its chain fields.
 fn parse_line(line: &str) -> Result<ParsedLine, String> {
-    if line.len() < HASH_SUFFIX_LEN + 2 || !line.is_char_boundary(line.len() - HASH_SUFFIX_LEN) {
+    let rest = line.strip_suffix('}').ok_or("not an audit line (no closing brace)")?;
+    let (rest, seal) = match split_hex_field(rest, ",\"seal\":\"") {
+        Some((open, hex)) => (open, Some(parse_hex32(hex).ok_or("seal is not 64 lower-case hex digits")?)),
+        None => (rest, None),
+    };
+    let (open, hash_hex) = split_hex_field(rest, ",\"hash\":\"").ok_or("line does not end with its hash field")?;
+    if open.len() < 2 {
         return Err("not an audit line (too short)".into());
     }
-    let (open, suffix) = line.split_at(line.len() - HASH_SUFFIX_LEN);
-    let hash_hex = suffix
-        .strip_prefix(",\"hash\":\"")
-        .and_then(|s| s.strip_suffix("\"}"))
-        .ok_or("line does not end with its hash field")?;
     let hash = parse_hex32(hash_hex).ok_or("hash is not 64 lower-case hex digits")?;
     let body = format!("{open}}}");
     let value: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("not JSON: {e}"))?;
     let serde_json::Value::Object(fields) = value else {
         return Err("not a JSON object".into());
     };
+    let format = match fields.get("v") {
+        None => 1,
+        Some(v) if v.as_u64() == Some(LINE_FORMAT) => LINE_FORMAT,
+        Some(v) => return Err(format!("unknown line format {v}")),
+    };
+    if format == 1 && seal.is_some() {
+        return Err("a format 1 line carries no seal".into());
+    }
     let seq = fields.get("seq").and_then(|v| v.as_u64()).ok_or("no seq")?;
     let prev_hash =
         fields.get("prev_hash").and_then(|v| v.as_str()).and_then(parse_hex32).ok_or("no valid prev_hash")?;
-    Ok(ParsedLine { body, hash, seq, prev_hash, fields })
+    Ok(ParsedLine { body, hash, seal, format, seq, prev_hash, fields })
+}
+
+/// Whether `p`'s hash matches its body (format 1: through the token's HMAC).
+fn hash_matches(p: &ParsedLine, keys: &dyn AuditKeys) -> Result<bool, AuditError> {
+    let computed = if p.format == 1 { keys.chain_mac(&chain_mac_input(p.body.as_bytes()))? } else { line_hash(p.body.as_bytes()) };
+    Ok(openssl::memcmp::eq(&computed, &p.hash))
+}
+
+/// Whether `p`'s seal (if any) verifies under the token's key.
+fn seal_matches(p: &ParsedLine, keys: &dyn AuditKeys) -> Result<bool, AuditError> {
+    match &p.seal {
+        None => Ok(true),
+        Some(seal) => Ok(openssl::memcmp::eq(&keys.chain_mac(&seal_input(p.seq, &p.hash))?, seal)),
+    }
 }
 
 /// [`parse_line`] for the fuzz targets (`fuzz/`): the line's seq, prev_hash and hash.
@@ -445,39 +636,59 @@ fn day_of_file(name: &str) -> Option<String> {
     name.strip_prefix("audit.")?.strip_suffix(".jsonl").map(str::to_string)
 }
 
-/// The last complete line of a file (without newline) and the length of an incomplete
-/// fragment after it (0 when the file ends with a newline).
-fn read_last_line(path: &Path) -> io::Result<(Option<String>, u64)> {
+/// The end of a daily file as a writer continues it.
+struct FileTail {
+    /// The last line that authenticates the chain (format 1, or sealed), if any.
+    line: Option<String>,
+    /// Length the file keeps: the end of that line (0 when the file has none).
+    keep: u64,
+    /// Complete format 2 lines after it that carry no seal.
+    unsealed: usize,
+    /// Bytes of an incomplete last line (no newline).
+    torn: u64,
+}
+
+/// Reads backwards from the end of `path` to its last authenticating line, reading at
+/// most [`MAX_TAIL_SCAN`] bytes.
+fn read_file_tail(path: &Path) -> io::Result<FileTail> {
     let mut f = File::open(path)?;
     let len = f.metadata()?.len();
-    let mut buf: Vec<u8> = Vec::new();
-    let mut pos = len;
+    let mut want = len.min(64 * 1024);
     loop {
-        if let Some(last_nl) = buf.iter().rposition(|&b| b == b'\n') {
-            let torn = (buf.len() - last_nl - 1) as u64;
-            let start = match buf[..last_nl].iter().rposition(|&b| b == b'\n') {
-                Some(prev_nl) => Some(prev_nl + 1),
-                None if pos == 0 => Some(0),
-                None => None,
+        let start = len - want;
+        let mut buf = vec![0u8; want as usize];
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut buf)?;
+        let complete = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let torn = (buf.len() - complete) as u64;
+        let mut end = complete;
+        let mut unsealed = 0usize;
+        // Walk the complete lines from the newest; the first (partial when `start > 0`)
+        // segment of the buffer is only used once the buffer reaches the file's start.
+        while end > 0 {
+            let line_end = end - 1;
+            let line_start = buf[..line_end].iter().rposition(|&b| b == b'\n').map(|i| i + 1);
+            let line_start = match line_start {
+                Some(i) => i,
+                None if start == 0 => 0,
+                None => break,
             };
-            if let Some(start) = start {
-                let line = String::from_utf8(buf[start..last_nl].to_vec())
-                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "audit line is not UTF-8"))?;
-                return Ok((Some(line), torn));
+            let text = std::str::from_utf8(&buf[line_start..line_end])
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "audit line is not UTF-8"))?;
+            let p = parse_line(text).map_err(|why| io::Error::new(io::ErrorKind::InvalidData, why))?;
+            if p.authenticates() {
+                return Ok(FileTail { line: Some(text.to_string()), keep: start + end as u64, unsealed, torn });
             }
-        } else if pos == 0 {
-            return Ok((None, buf.len() as u64));
+            unsealed += 1;
+            end = line_start;
         }
-        if len - pos >= MAX_TAIL_SCAN {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "no line end near the end of the file"));
+        if start == 0 {
+            return Ok(FileTail { line: None, keep: 0, unsealed, torn });
         }
-        let chunk = pos.min(8192);
-        pos -= chunk;
-        let mut piece = vec![0u8; chunk as usize];
-        f.seek(SeekFrom::Start(pos))?;
-        f.read_exact(&mut piece)?;
-        piece.extend_from_slice(&buf);
-        buf = piece;
+        if want >= MAX_TAIL_SCAN {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "no sealed line near the end of the file"));
+        }
+        want = len.min(want.saturating_mul(4)).min(MAX_TAIL_SCAN);
     }
 }
 
@@ -486,32 +697,55 @@ struct Tail {
     seq: u64,
     hash: [u8; 32],
     day: Option<String>,
-    /// What was repaired on the way (torn fragments dropped).
+    /// What was repaired on the way (torn fragments and unsealed lines dropped).
     notes: Vec<String>,
 }
 
-/// Reads the chain head from the newest file holding a complete line. An incomplete last
-/// line (a write that never completed, so was never acknowledged) is cut off, since the
-/// next line would otherwise be glued to it; the cut is reported in `notes`.
-fn read_chain_tail(dir: &Path) -> Result<Tail, AuditError> {
+/// Reads the chain head from the newest file holding an authenticating line and checks
+/// it with the token (its hash, and its seal or keyed hash): a writer never seals over
+/// lines it cannot authenticate. An incomplete last line (a write that never completed)
+/// and complete lines after the last seal (a batch that was never acknowledged, or lines
+/// written without the token) are cut off, since the next batch's seal would otherwise
+/// vouch for them; the cut is reported in `notes`.
+fn read_chain_tail(dir: &Path, keys: &dyn AuditKeys) -> Result<Tail, AuditError> {
     let files = list_audit_files(dir).map_err(|e| AuditError::io("listing the audit directory", e))?;
     let mut notes = Vec::new();
     for (name, path) in files.iter().rev() {
-        let (line, torn) = read_last_line(path).map_err(|e| AuditError::io(format!("reading the end of {name}"), e))?;
-        if torn > 0 {
+        let tail = read_file_tail(path).map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData => AuditError::Corrupt(format!("the end of {name} is unreadable: {e}")),
+            _ => AuditError::io(format!("reading the end of {name}"), e),
+        })?;
+        if tail.torn > 0 || tail.unsealed > 0 {
             let cut = || -> io::Result<()> {
                 let f = OpenOptions::new().write(true).open(path)?;
-                let len = f.metadata()?.len();
-                f.set_len(len.saturating_sub(torn))?;
+                f.set_len(tail.keep)?;
                 f.sync_data()
             };
-            cut().map_err(|e| AuditError::io(format!("dropping an incomplete line from {name}"), e))?;
-            tracing::warn!(file = %name, bytes = torn, "audit: dropped an incomplete last line");
-            notes.push(format!("dropped an incomplete last line ({torn} bytes) from {name}"));
+            cut().map_err(|e| AuditError::io(format!("dropping unacknowledged lines from {name}"), e))?;
+            if tail.torn > 0 {
+                tracing::warn!(file = %name, bytes = tail.torn, "audit: dropped an incomplete last line");
+                notes.push(format!("dropped an incomplete last line ({} bytes) from {name}", tail.torn));
+            }
+            if tail.unsealed > 0 {
+                tracing::warn!(file = %name, lines = tail.unsealed, "audit: dropped unsealed lines");
+                notes.push(format!("dropped {} unsealed line(s) from the end of {name}", tail.unsealed));
+            }
         }
-        if let Some(line) = line {
+        if let Some(line) = tail.line {
             let p = parse_line(&line)
                 .map_err(|why| AuditError::Corrupt(format!("last line of {name} is unreadable: {why}")))?;
+            if !hash_matches(&p, keys)? || !seal_matches(&p, keys)? {
+                let label = keys.chain_key_label();
+                let hint = match p.str_field("chain_key") {
+                    Some(l) if l != label => format!(" (it names chain key {l}, the token's is {label})"),
+                    _ => String::new(),
+                };
+                return Err(AuditError::Corrupt(format!(
+                    "the last sealed line of {name} (seq {}) does not verify{hint}: the trail was altered; \
+                     `keyward audit verify` names the damage",
+                    p.seq
+                )));
+            }
             return Ok(Tail { seq: p.seq, hash: p.hash, day: day_of_file(name), notes });
         }
     }
@@ -804,10 +1038,20 @@ struct FileMark {
     len: u64,
 }
 
+/// A line built but not yet written: its text up to (not including) the closing brace.
+struct Pending {
+    open: String,
+    seq: u64,
+    hash: [u8; 32],
+    checkpoint: bool,
+}
+
 /// What one batch wrote.
 #[derive(Default)]
 struct BatchOut {
     chain_key: String,
+    /// Lines built since the last write, sealed and written together.
+    pending: Vec<Pending>,
     last_line: String,
     checkpoints: Vec<String>,
 }
@@ -967,7 +1211,7 @@ impl Sequencer {
         let mut before = newest_file(&self.dir)?;
         if before != self.synced {
             // Another writer appended, a day began, or we are recovering: re-read the head.
-            let tail = read_chain_tail(&self.dir)?;
+            let tail = read_chain_tail(&self.dir, self.keys.as_ref())?;
             st.seq = tail.seq;
             st.hash = tail.hash;
             st.day = tail.day;
@@ -1004,6 +1248,7 @@ impl Sequencer {
             let (ts, day) = utc_stamp();
             self.append_checkpoint(&mut st, &mut out, &ts, &day)?;
         }
+        self.write_pending(&mut out)?;
         let after = self.sync_batch(before.as_ref(), &out)?;
         self.state = st;
         self.synced = Some(after);
@@ -1031,8 +1276,10 @@ impl Sequencer {
     fn append_event(&mut self, st: &mut ChainState, out: &mut BatchOut, ev: &AuditEvent) -> Result<u64, AuditError> {
         let (ts, day) = utc_stamp();
         if st.seq > 0 && st.day.as_deref() != Some(day.as_str()) {
-            // First line of a new day: the appender has rolled to the new file, so the
-            // checkpoint of the previous day's head opens it.
+            // First line of a new day: the old day's lines are sealed and written first,
+            // then the appender rolls to the new file, which the checkpoint of the
+            // previous day's head opens.
+            self.write_pending(out)?;
             self.append_checkpoint(st, out, &ts, &day)?;
         }
         let seq = self.append_line(st, out, &ts, &day, ev, None)?;
@@ -1066,7 +1313,7 @@ impl Sequencer {
         Ok(written)
     }
 
-    /// Builds, MACs and writes one line; advances `st` only when the write succeeded.
+    /// Builds and hashes one line (written, sealed, by the next [`Sequencer::write_pending`]).
     fn append_line(
         &mut self,
         st: &mut ChainState,
@@ -1077,31 +1324,49 @@ impl Sequencer {
         checkpoint: Option<&CheckpointFields>,
     ) -> Result<u64, AuditError> {
         let seq = st.seq.checked_add(1).ok_or_else(|| AuditError::Corrupt("seq overflow".into()))?;
-        let prev_hash = hex::encode(st.hash);
-        let body = serde_json::to_string(&LineBody {
-            ts,
-            seq,
-            prev_hash: &prev_hash,
-            event: ev,
-            checkpoint,
-            chain_key: &out.chain_key,
-        })
-        .map_err(|e| AuditError::Invalid(format!("cannot encode the line: {e}")))?;
+        // Room for the hash and seal suffixes too.
+        let mut body = String::with_capacity(512);
+        write_body(&mut body, ts, seq, &st.hash, ev, checkpoint, &out.chain_key);
         if body.len() > MAX_BODY {
             return Err(AuditError::Invalid(format!("line of {} bytes is too long", body.len())));
         }
-        let mac = self.keys.chain_mac(&chain_mac_input(body.as_bytes()))?;
-        let line = seal_line(&body, &mac);
-        let appender = self.appender.as_mut().ok_or(AuditError::Closed)?;
-        appender.write_all(line.as_bytes()).map_err(|e| AuditError::io("writing an audit line", e))?;
+        let hash = line_hash(body.as_bytes());
+        body.pop();
+        body.push_str(",\"hash\":\"");
+        push_hex(&mut body, &hash);
+        body.push('"');
+        out.pending.push(Pending { open: body, seq, hash, checkpoint: checkpoint.is_some() });
         st.seq = seq;
-        st.hash = mac;
-        st.day = Some(day.to_string());
-        if checkpoint.is_some() {
-            out.checkpoints.push(line.clone());
+        st.hash = hash;
+        if st.day.as_deref() != Some(day) {
+            st.day = Some(day.to_string());
         }
-        out.last_line = line;
         Ok(seq)
+    }
+
+    /// Seals the last pending line with one token MAC and writes all pending lines in
+    /// one write.
+    fn write_pending(&mut self, out: &mut BatchOut) -> Result<(), AuditError> {
+        let Some(last) = out.pending.last_mut() else { return Ok(()) };
+        let seal = self.keys.chain_mac(&seal_input(last.seq, &last.hash))?;
+        last.open.push_str(",\"seal\":\"");
+        push_hex(&mut last.open, &seal);
+        last.open.push('"');
+        let mut buf = String::with_capacity(out.pending.iter().map(|p| p.open.len() + 2).sum());
+        let mut last_start = 0;
+        for p in &out.pending {
+            last_start = buf.len();
+            buf.push_str(&p.open);
+            buf.push_str("}\n");
+            if p.checkpoint {
+                out.checkpoints.push(buf[last_start..].to_string());
+            }
+        }
+        out.pending.clear();
+        let appender = self.appender.as_mut().ok_or(AuditError::Closed)?;
+        appender.write_all(buf.as_bytes()).map_err(|e| AuditError::io("writing audit lines", e))?;
+        out.last_line = buf.split_off(last_start);
+        Ok(())
     }
 
     /// Flushes the batch, `sync_data`s the file it went to (and the previous file when
@@ -1230,6 +1495,9 @@ pub enum FailureKind {
     /// The trail ends before a checkpoint listed in the shipped copy, or before the
     /// expected head.
     Truncated,
+    /// The trail ends in lines no seal covers: never acknowledged, or written without
+    /// the token.
+    Unsealed,
     /// No audit line at all (refused unless [`VerifyOptions::allow_empty`]).
     Empty,
     /// A file, the token or the public key could not be used.
@@ -1246,6 +1514,7 @@ impl fmt::Display for FailureKind {
             FailureKind::Reordered => "reordered",
             FailureKind::BadCheckpoint => "bad checkpoint signature",
             FailureKind::Truncated => "truncated",
+            FailureKind::Unsealed => "unsealed",
             FailureKind::Empty => "empty",
             FailureKind::Unreadable => "unreadable",
         })
@@ -1398,7 +1667,7 @@ impl CheckpointKey<'_> {
         if s.ucmp(half) == CmpOrdering::Greater {
             return Err(bad("high-S signature refused"));
         }
-        let digest = openssl::sha::sha256(&checkpoint_message(p.seq, &head));
+        let digest = crate::crypto::sha256(&checkpoint_message(p.seq, &head));
         let ok = EcdsaSig::from_private_components(r, s)
             .and_then(|sig| sig.verify(&digest, ec))
             .map_err(|e| bad(&e.to_string()))?;
@@ -1541,6 +1810,8 @@ pub fn verify_dir_with(dir: &Path, keys: &dyn AuditKeys, opts: &VerifyOptions<'_
     let (mut expected, mut head) = (1u64, GENESIS_HASH);
     let (mut lines, mut checkpoints) = (0u64, 0u64);
     let mut last_pos: Option<(usize, u64)> = None;
+    // The first line after the last seal (file, line number, seq).
+    let mut unsealed_from: Option<(usize, u64, u64)> = None;
 
     while let Some(raw) = src.next()? {
         let at = |kind: FailureKind, detail: String, seq: Option<u64>| VerifyFailure {
@@ -1551,16 +1822,27 @@ pub fn verify_dir_with(dir: &Path, keys: &dyn AuditKeys, opts: &VerifyOptions<'_
             detail,
         };
         let p = parse_line(&raw.text).map_err(|why| at(FailureKind::Malformed, why, None))?;
-        let mac = keys
-            .chain_mac(&chain_mac_input(p.body.as_bytes()))
-            .map_err(|e| at(FailureKind::Unreadable, e.to_string(), Some(p.seq)))?;
-        let mac_ok = openssl::memcmp::eq(&mac, &p.hash);
+        let mac_ok = hash_matches(&p, keys).map_err(|e| at(FailureKind::Unreadable, e.to_string(), Some(p.seq)))?;
         if !mac_ok || p.seq != expected || p.prev_hash != head {
             let (kind, mut detail) = classify(&p, mac_ok, expected, &head, &mut src);
             if let Some(label) = p.str_field("chain_key").filter(|l| !mac_ok && *l != token_label) {
                 detail.push_str(&format!(" (line names chain key {label}, the token's is {token_label})"));
             }
             return Err(at(kind, detail, Some(p.seq)));
+        }
+        if !seal_matches(&p, keys).map_err(|e| at(FailureKind::Unreadable, e.to_string(), Some(p.seq)))? {
+            let mut detail = "the seal does not verify: this line or one before it since the last seal was \
+                              rewritten"
+                .to_string();
+            if let Some(label) = p.str_field("chain_key").filter(|l| *l != token_label) {
+                detail.push_str(&format!(" (line names chain key {label}, the token's is {token_label})"));
+            }
+            return Err(at(FailureKind::Edited, detail, Some(p.seq)));
+        }
+        if p.authenticates() {
+            unsealed_from = None;
+        } else if unsealed_from.is_none() {
+            unsealed_from = Some((raw.file, raw.lineno, p.seq));
         }
         if p.str_field("kind") == Some("checkpoint") {
             cp_key.check(&p).map_err(|(kind, why)| at(kind, why, Some(p.seq)))?;
@@ -1605,6 +1887,19 @@ pub fn verify_dir_with(dir: &Path, keys: &dyn AuditKeys, opts: &VerifyOptions<'_
             seq: Some(seq),
             kind: FailureKind::Truncated,
             detail: format!("the trail ends at seq {} before the expected head seq {seq}", expected - 1),
+        });
+    }
+    if let Some((file, line, seq)) = unsealed_from {
+        return Err(VerifyFailure {
+            file: Some(names[file].clone()),
+            line: Some(line),
+            seq: Some(seq),
+            kind: FailureKind::Unsealed,
+            detail: format!(
+                "no seal covers seq {seq} to {}: lines never acknowledged (a batch cut off) or written \
+                 without the token; a writer drops them when it next opens the trail",
+                expected - 1
+            ),
         });
     }
     if lines == 0 && !opts.allow_empty {
@@ -1666,7 +1961,7 @@ mod tests {
         }
 
         fn checkpoint_sign(&self, data: &[u8]) -> Result<Vec<u8>, AuditError> {
-            let digest = openssl::sha::sha256(data);
+            let digest = crate::crypto::sha256(data);
             let sig = EcdsaSig::sign(&digest, &self.ec).unwrap();
             let (order, half) = p256_order().unwrap();
             let mut s = sig.s().to_owned().unwrap();
@@ -1762,9 +2057,9 @@ mod tests {
         let lines = read_lines(&file);
         assert_eq!(lines.len(), 4, "start, event, stop, checkpoint");
         let first = &lines[0];
-        assert!(first.starts_with(&format!("{{\"ts\":\"{today}T")), "{first}");
+        assert!(first.starts_with(&format!("{{\"v\":2,\"ts\":\"{today}T")), "{first}");
         assert!(first.contains(&format!(",\"seq\":1,\"prev_hash\":\"{}\",\"kind\":\"start\"", "0".repeat(64))));
-        let ts = &first[7..34];
+        let ts = &first[13..40];
         assert_eq!(ts.len(), 27);
         assert!(ts.ends_with('Z') && ts.as_bytes()[19] == b'.', "{ts}");
 
@@ -1790,13 +2085,27 @@ mod tests {
         assert!(positions.windows(2).all(|w| w[0] < w[1]), "{ev}");
         assert!(!ev.contains("\"detail\""), "absent detail is skipped");
 
-        // hash = HMAC(tag || 0 || u32be(len) || body), body = line minus the hash suffix.
+        // hash = SHA-256(tag || 0 || u32be(len) || body), body = line minus the hash (and
+        // seal) suffix; each batch's last line is sealed: start, the event, stop +
+        // checkpoint were three batches.
         for (i, line) in lines.iter().enumerate() {
-            let body = format!("{}}}", &line[..line.len() - HASH_SUFFIX_LEN]);
-            let mut input = b"keyward/v1/audit\0".to_vec();
+            let sealed = i != 2;
+            let cut = HASH_SUFFIX_LEN + if sealed { FIELD_SUFFIX_LEN } else { 0 };
+            let body = format!("{}}}", &line[..line.len() - cut]);
+            let mut input = b"keyward/v2/audit\0".to_vec();
             input.extend((body.len() as u32).to_be_bytes());
             input.extend(body.as_bytes());
-            assert_eq!(*line, seal_line(&body, &keys.mac(&input)).trim_end(), "line {i}");
+            let hash: [u8; 32] = crate::crypto::sha256(&input);
+            let mut expect = format!("{},\"hash\":\"{}\"", &body[..body.len() - 1], hex::encode(hash));
+            if sealed {
+                let mut seal_in = b"keyward/v2/audit-seal\0".to_vec();
+                seal_in.extend((i as u64 + 1).to_be_bytes());
+                seal_in.extend(hash);
+                expect.push_str(&format!(",\"seal\":\"{}\"", hex::encode(keys.mac(&seal_in))));
+            }
+            expect.push('}');
+            assert_eq!(*line, expect, "line {i}");
+            assert_eq!(parse_line(line).unwrap().seal.is_some(), sealed, "line {i}");
             if i > 0 {
                 assert_eq!(parse_line(line).unwrap().prev_hash, parse_line(&lines[i - 1]).unwrap().hash);
             }
@@ -2036,6 +2345,13 @@ mod tests {
         trail.shutdown().unwrap();
     }
 
+    /// A sealed format 2 line for `body`, as someone holding the chain key could write it.
+    fn reseal(keys: &SoftKeys, body: &str, seq: u64) -> String {
+        let hash = line_hash(body.as_bytes());
+        let seal = keys.mac(&seal_input(seq, &hash));
+        format!("{},\"hash\":\"{}\",\"seal\":\"{}\"}}", &body[..body.len() - 1], hex::encode(hash), hex::encode(seal))
+    }
+
     /// A verified trail of 10 events (lines 1..=13: start, events, stop, checkpoint).
     fn damaged_fixture(every: u64) -> (tempfile::TempDir, Arc<SoftKeys>, PathBuf, Vec<String>) {
         let dir = tempfile::tempdir().unwrap();
@@ -2114,8 +2430,9 @@ mod tests {
         let (dir, keys, file, lines) = damaged_fixture(4);
         let cps: Vec<u64> = read_lines(&dir.path().join(CHECKPOINTS_FILE)).iter().map(|l| seq_of(l)).collect();
         assert_eq!(cps.len(), 4);
-        // Cut the file after the line before the last checkpoint but one.
-        let keep = (cps[2] - 1) as usize;
+        // Cut the file at a batch boundary (a sealed line) before the last checkpoint but
+        // one: the line just before a periodic checkpoint shares its batch, so two back.
+        let keep = (cps[2] - 2) as usize;
         write_lines(&file, &lines[..keep]);
         let f = expect_failure(dir.path(), &keys, FailureKind::Truncated, keep as u64 + 1, Some(cps[2]));
         assert!(f.to_string().contains(&format!("truncated: checkpoint seq {} missing", cps[2])), "{f}");
@@ -2153,7 +2470,7 @@ mod tests {
         flipped.extend(high.to_vec_padded(32).unwrap());
         // Re-MAC the edited line as someone holding the chain key could.
         let body = cp.body.replace(&hex::encode(&sig), &hex::encode(&flipped));
-        lines[last] = seal_line(&body, &keys.mac(&chain_mac_input(body.as_bytes()))).trim_end().to_string();
+        lines[last] = reseal(&keys, &body, cp.seq);
         write_lines(&file, &lines);
         fs::remove_file(dir.path().join(CHECKPOINTS_FILE)).unwrap();
         let f = expect_failure(dir.path(), &keys, FailureKind::BadCheckpoint, 13, Some(13));
@@ -2173,6 +2490,130 @@ mod tests {
         Arc::get_mut(&mut other).unwrap().mac_key = vec![7; 32];
         let f = verify(dir.path(), &other).unwrap_err();
         assert_eq!((f.kind, f.line), (FailureKind::Edited, Some(1)), "{f}");
+    }
+
+    #[test]
+    fn json_strings_are_escaped_as_serde_json_escapes_them() {
+        let mut all: String = (0u8..0x80).map(char::from).collect();
+        all.push_str("é€𝄞\u{7f}\u{2028}");
+        for s in [all.as_str(), "", "plain", "\"\\", "a\u{0}b"] {
+            let mut ours = String::new();
+            push_json_str(&mut ours, s);
+            assert_eq!(ours, serde_json::to_string(s).unwrap());
+        }
+        // A whole body parses back to the event.
+        let ev = event(3).with_detail("quote \" and \n newline");
+        let mut body = String::new();
+        write_body(&mut body, "2026-12-07T00:00:00.000000Z", 9, &[7; 32], &ev, None, "audit/v1");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["detail"], "quote \" and \n newline");
+        assert_eq!(v["keys"], serde_json::json!(["data/v1"]));
+        assert_eq!(v["prev_hash"], hex::encode([7; 32]));
+    }
+
+    /// A format 2 line after `prev` (seq, hash) without a seal, as anyone could write it.
+    fn forged_line(prev: &str, seal: Option<[u8; 32]>) -> String {
+        let p = parse_line(prev).unwrap();
+        let mut body = String::new();
+        write_body(&mut body, "2026-12-07T00:00:00.000000Z", p.seq + 1, &p.hash, &event(99), None, "audit/v1");
+        let hash = line_hash(body.as_bytes());
+        let mut line = format!("{},\"hash\":\"{}\"", &body[..body.len() - 1], hex::encode(hash));
+        if let Some(seal) = seal {
+            line.push_str(&format!(",\"seal\":\"{}\"", hex::encode(seal)));
+        }
+        line.push('}');
+        line
+    }
+
+    #[test]
+    fn an_unsealed_tail_is_refused_and_the_next_writer_drops_it() {
+        let (dir, keys, file, mut lines) = damaged_fixture(1000);
+        let forged = forged_line(lines.last().unwrap(), None);
+        lines.push(forged.clone());
+        lines.push(forged_line(&forged, None));
+        write_lines(&file, &lines);
+        let f = expect_failure(dir.path(), &keys, FailureKind::Unsealed, 14, Some(14));
+        assert!(f.detail.contains("seq 14 to 15"), "{f}");
+        // A writer continues from the last sealed line, not from the forged ones.
+        let trail = AuditTrail::open(dir.path(), keys.clone(), opts(1000)).unwrap();
+        trail.shutdown().unwrap();
+        let after = read_lines(&file);
+        assert!(!after.contains(&forged));
+        let start = parse_line(&after[13]).unwrap();
+        assert_eq!((start.seq, start.str_field("kind")), (14, Some("start")));
+        assert!(start.str_field("detail").unwrap().contains("dropped 2 unsealed line(s)"), "{:?}", start.fields);
+        verify(dir.path(), &keys).unwrap();
+    }
+
+    #[test]
+    fn a_forged_seal_stops_the_writer_and_the_verifier() {
+        let (dir, keys, file, mut lines) = damaged_fixture(1000);
+        lines.push(forged_line(lines.last().unwrap(), Some([0x5a; 32])));
+        write_lines(&file, &lines);
+        let f = expect_failure(dir.path(), &keys, FailureKind::Edited, 14, Some(14));
+        assert!(f.detail.contains("seal does not verify"), "{f}");
+        match AuditTrail::open(dir.path(), keys.clone(), opts(1000)) {
+            Err(AuditError::Corrupt(why)) => assert!(why.contains("does not verify"), "{why}"),
+            other => panic!("a writer sealed over a forged line: {other:?}"),
+        }
+        // Lines rewritten and re-hashed up to a seal: caught at the seal.
+        let (dir, keys, file, mut lines) = damaged_fixture(4);
+        let inner = (1..lines.len()).find(|&i| parse_line(&lines[i]).unwrap().seal.is_none()).unwrap();
+        let sealed_after = (inner..lines.len()).find(|&i| parse_line(&lines[i]).unwrap().seal.is_some()).unwrap();
+        let p = parse_line(&lines[inner]).unwrap();
+        let edited = p.body.replace("\"outcome\":\"ok\"", "\"outcome\":\"denied\"");
+        assert_ne!(edited, p.body);
+        let hash = line_hash(edited.as_bytes());
+        lines[inner] = format!("{},\"hash\":\"{}\"}}", &edited[..edited.len() - 1], hex::encode(hash));
+        let mut prev = hash;
+        for line in &mut lines[inner + 1..=sealed_after] {
+            let q = parse_line(line).unwrap();
+            let body = q.body.replace(&hex::encode(q.prev_hash), &hex::encode(prev));
+            let h = line_hash(body.as_bytes());
+            let seal = q.seal.map(|s| format!(",\"seal\":\"{}\"", hex::encode(s))).unwrap_or_default();
+            *line = format!("{},\"hash\":\"{}\"{seal}}}", &body[..body.len() - 1], hex::encode(h));
+            prev = h;
+        }
+        write_lines(&file, &lines);
+        fs::remove_file(dir.path().join(CHECKPOINTS_FILE)).unwrap();
+        let f = verify(dir.path(), &keys).unwrap_err();
+        assert_eq!((f.kind, f.line), (FailureKind::Edited, Some(sealed_after as u64 + 1)), "{f}");
+    }
+
+    #[test]
+    fn format_1_lines_continue_into_format_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = SoftKeys::new();
+        let (ts, today) = utc_stamp();
+        // Two lines as the format 1 writer wrote them: a keyed hash per line, no `v`.
+        let mut prev = GENESIS_HASH;
+        let mut v1 = Vec::new();
+        for seq in 1..=2u64 {
+            let body = format!(
+                "{{\"ts\":\"{ts}\",\"seq\":{seq},\"prev_hash\":\"{}\",\"kind\":\"rpc\",\"client\":\"c\",\"role\":\"r\",\
+                 \"action\":\"a\",\"keys\":[],\"outcome\":\"ok\",\"code\":\"OK\",\"latency_us\":1,\"request_id\":\"x\",\
+                 \"subjects\":[],\"chain_key\":\"audit/v1\"}}",
+                hex::encode(prev)
+            );
+            let mac = keys.mac(&chain_mac_input(body.as_bytes()));
+            v1.push(format!("{},\"hash\":\"{}\"}}", &body[..body.len() - 1], hex::encode(mac)));
+            prev = mac;
+        }
+        let file = dir.path().join(format!("audit.{today}.jsonl"));
+        write_lines(&file, &v1);
+        assert_eq!(verify(dir.path(), &keys).unwrap().lines, 2);
+        write_trail(dir.path(), &keys, 1000, 3);
+        let report = verify(dir.path(), &keys).unwrap();
+        assert_eq!((report.lines, report.last_seq), (2 + 1 + 3 + 2, 8));
+        let lines = read_lines(&file);
+        assert_eq!(parse_line(&lines[2]).unwrap().format, 2);
+        assert_eq!(parse_line(&lines[2]).unwrap().prev_hash, prev);
+        // A format 1 line edited: its keyed hash no longer matches.
+        let mut bad = lines.clone();
+        bad[1] = bad[1].replace("\"client\":\"c\"", "\"client\":\"d\"");
+        write_lines(&file, &bad);
+        fs::remove_file(dir.path().join(CHECKPOINTS_FILE)).unwrap();
+        assert_eq!(verify(dir.path(), &keys).unwrap_err().kind, FailureKind::Edited);
     }
 
     #[test]

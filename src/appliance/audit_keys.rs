@@ -1,5 +1,6 @@
-//! The audit trail's token keys: the `audit` HMAC key chains lines (one HMAC per
-//! call, so it is session-copied like every hot-path key), `audit.sign` (ECDSA
+//! The audit trail's token keys: the `audit` HMAC key seals the line chain (one HMAC
+//! per group commit, and per seal checked by the verifier, so it is session-copied like
+//! every hot-path key), `audit.sign` (ECDSA
 //! P-256, used in place and non-modifiable) signs checkpoints.
 
 use super::audit::{AuditError, AuditKeys};

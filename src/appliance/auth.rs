@@ -96,7 +96,7 @@ impl AuthLayer {
         let info = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?;
         let certs = info.peer_certs()?;
         let der = certs.first()?;
-        let digest = openssl::sha::sha256(der.as_ref());
+        let digest = crate::crypto::sha256(der.as_ref());
         if let Some(peer) = self.cache.lock().ok().and_then(|c| c.get(&digest).cloned()) {
             return peer;
         }

@@ -418,7 +418,7 @@ impl OtpSvc {
         let max = hash.digest_len();
         let max_wrapped = max.div_ceil(8) * 8 + 8;
         let n = r.wrapped_seed.len();
-        if !(24..=max_wrapped).contains(&n) || n % 8 != 0 {
+        if !(24..=max_wrapped).contains(&n) || !n.is_multiple_of(8) {
             return Err(Error::invalid(
                 "wrapped_seed",
                 format!(

@@ -177,7 +177,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         let mut tick: u64 = 0;
         loop {
             tick += 1;
-            if tick % 5 == 0 {
+            if tick.is_multiple_of(5) {
                 // Once a second: is the token still there (or back)? Health must not
                 // wait for a call to fail.
                 let hsm = watch_state.hsm.clone();

@@ -228,7 +228,7 @@ impl TxContext {
                 self.reference.as_bytes(),
             ],
         );
-        openssl::sha::sha256(&input)
+        crate::crypto::sha256(&input)
     }
 }
 
@@ -799,7 +799,7 @@ mod tests {
         b.reference = "bc".into();
         assert_ne!(a.digest(), b.digest());
         // Known layout.
-        let want = openssl::sha::sha256(&domain_separated(
+        let want = crate::crypto::sha256(&domain_separated(
             "keyward/v1/otp-context",
             &[&12_345i64.to_be_bytes(), b"CNY", b"merchant:4711", b"INV-2024.001"],
         ));

@@ -151,7 +151,7 @@ pub const TAG_DEVICE_ID: &str = "keyward/v1/ecash/device-id";
 /// domain-separated SEC1 point. Ids are derived, never chosen, so no device can be
 /// certified under another device's id and spend its vouchers.
 pub fn device_id_of(device_public_key: &[u8; SEC1_LEN]) -> [u8; 16] {
-    let digest = openssl::sha::sha256(&crate::crypto::encoding::domain_separated(TAG_DEVICE_ID, &[device_public_key]));
+    let digest = crate::crypto::sha256(&crate::crypto::encoding::domain_separated(TAG_DEVICE_ID, &[device_public_key]));
     let mut id = [0u8; 16];
     id.copy_from_slice(&digest[..16]);
     id
@@ -864,7 +864,7 @@ mod tests {
         let d = Signed::<T>::decode(&e).unwrap();
         assert_eq!(&d, s);
         assert_eq!(d.encode(), e);
-        assert_eq!(s.hash(), openssl::sha::sha256(&e));
+        assert_eq!(s.hash(), crate::crypto::sha256(&e));
         assert_eq!(&e[..e.len() - 64], &s.body.tbs()[..]);
         for n in 0..e.len() {
             assert!(Signed::<T>::decode(&e[..n]).is_err(), "{} truncated to {n}", T::KIND);
@@ -947,7 +947,7 @@ mod tests {
         let pk = k.certificate.body.device_public_key;
         let mut input = b"keyward/v1/ecash/device-id\0\0\0\0\x41".to_vec();
         input.extend_from_slice(&pk);
-        assert_eq!(device_id_of(&pk)[..], openssl::sha::sha256(&input)[..16]);
+        assert_eq!(device_id_of(&pk)[..], crate::crypto::sha256(&input)[..16]);
         assert_eq!(k.wallet.device_id(), device_id_of(&pk));
         // A request or certificate naming another id for the key does not decode.
         let req = k.wallet.certification_request(b"acct", T0).unwrap();

@@ -242,7 +242,7 @@ pub fn low_s(sig: &mut [u8; SIG_LEN]) {
 /// ECDSA P-256 over SHA-256(`msg`). Refuses a high-S signature and `r` or `s` zero or
 /// `>= n` before openssl sees it.
 pub fn verify_p256(key: &PublicKey, msg: &[u8], sig: &[u8; SIG_LEN]) -> Result<(), EcashError> {
-    verify_digest(key, &openssl::sha::sha256(msg), sig)
+    verify_digest(key, &crate::crypto::sha256(msg), sig)
 }
 
 /// Verifies `sig` over `msg` by the key's algorithm: ECDSA P-256 over SHA-256 (low-S
@@ -305,7 +305,7 @@ impl SigningKey {
 
     /// Signs SHA-256(`msg`): raw `r || s`, low-S.
     pub fn sign(&self, msg: &[u8]) -> Result<[u8; SIG_LEN], EcashError> {
-        self.sign_digest(&openssl::sha::sha256(msg))
+        self.sign_digest(&crate::crypto::sha256(msg))
     }
 
     /// Signs an already computed SHA-256 digest: raw `r || s`, low-S.
@@ -399,7 +399,7 @@ mod tests {
         let s = BigNum::from_slice(&high[32..]).unwrap();
         let os = EcdsaSig::from_private_components(r, s).unwrap();
         let Inner::P256(ec) = &pk.key else { panic!("a P-256 key") };
-        assert!(os.verify(&openssl::sha::sha256(b"msg"), ec).unwrap());
+        assert!(os.verify(&crate::crypto::sha256(b"msg"), ec).unwrap());
         // ...but it is refused here, and low_s brings it back.
         assert!(!is_canonical(&high));
         assert_eq!(verify_p256(&pk, b"msg", &high), Err(EcashError::BadSignature));

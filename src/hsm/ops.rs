@@ -101,7 +101,7 @@ pub(crate) fn kcv(session: &Session, h: ObjectHandle, alg: Algorithm, spki: Opti
         }
         Family::Ec => {
             let spki = spki.ok_or_else(|| Error::Catalogue("no public key for KCV".into()))?;
-            openssl::sha::sha256(spki).to_vec()
+            crate::crypto::sha256(spki).to_vec()
         }
     };
     Ok(hex::encode_upper(&full[..3.min(full.len())]))
@@ -254,7 +254,7 @@ impl Hsm {
         if key.meta.algorithm != Algorithm::EcP256 {
             return Err(Error::KeyUsage { key: key.key_ref(), reason: "not a P-256 key".into() });
         }
-        let digest = openssl::sha::sha256(data);
+        let digest = crate::crypto::sha256(data);
         let mut sig = self.exec(|s, cat| {
             let e = current(cat, key)?;
             s.sign(&Mechanism::Ecdsa, e.handle, &digest).map_err(ck("ecdsa sign"))
@@ -268,7 +268,7 @@ impl Hsm {
     pub async fn sign(&self, key: &Arc<KeyEntry>, data: Vec<u8>) -> Result<[u8; 64]> {
         let alg = key.meta.algorithm;
         let input = match alg {
-            Algorithm::EcP256 => openssl::sha::sha256(&data).to_vec(),
+            Algorithm::EcP256 => crate::crypto::sha256(&data).to_vec(),
             Algorithm::Ed25519 => data,
             _ => return Err(Error::KeyUsage { key: key.key_ref(), reason: "not a signature key".into() }),
         };

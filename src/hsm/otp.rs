@@ -174,7 +174,7 @@ impl Hsm {
         let check_id = {
             let mut d = mac_input.clone();
             d.extend_from_slice(&mac);
-            openssl::sha::sha256(&d)
+            crate::crypto::sha256(&d)
         };
         let authentic = move |s: &Session, cat: &Catalogue| -> Result<()> {
             let k = cat.handles_of(&mac_key)?;
@@ -243,7 +243,7 @@ fn mark_verified(obj: &SeedObject, check_id: [u8; 32]) {
 fn seed_id(kek: &KeyEntry, wrapped: &[u8]) -> [u8; 32] {
     let mut id_input = kek.meta.label().into_bytes();
     id_input.extend_from_slice(wrapped);
-    openssl::sha::sha256(&id_input)
+    crate::crypto::sha256(&id_input)
 }
 
 impl SeedCache {
