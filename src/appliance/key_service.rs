@@ -35,7 +35,7 @@ pub fn key_info(e: &KeyEntry) -> KeyInfo {
 impl KeySvc {
     fn list(&self, caller: &Caller, r: ListKeysRequest) -> Result<ListKeysResponse, Error> {
         if r.name_prefix.len() > 64 {
-            return Err(Error::invalid("name_prefix", "longer than 64 characters"));
+            return Err(Error::invalid("name_prefix", "longer than 64 bytes"));
         }
         let cat = self.state.hsm.catalogue();
         let keys = cat

@@ -148,7 +148,7 @@ fn country_code_len(digits: &[u8]) -> usize {
 /// code not starting with 0, 8 to 15 digits after the `+`.
 pub fn normalise_phone(input: &str) -> Result<Phone, FieldError> {
     if input.len() > MAX_PHONE_INPUT {
-        return Err(err(F_PHONE, format!("must be at most {MAX_PHONE_INPUT} characters")));
+        return Err(err(F_PHONE, format!("must be at most {MAX_PHONE_INPUT} bytes")));
     }
     let mut compact = Zeroizing::new(String::with_capacity(input.len()));
     compact.extend(input.chars().filter(|c| !matches!(c, ' ' | '-' | '(' | ')')));
@@ -1188,7 +1188,7 @@ mod tests {
         assert_eq!(reject_phone("+").reason, len);
         assert_eq!(reject_phone("").reason, "required");
         assert_eq!(reject_phone(" - ").reason, "required");
-        assert_eq!(reject_phone(&"1".repeat(65)).reason, "must be at most 64 characters");
+        assert_eq!(reject_phone(&"1".repeat(65)).reason, "must be at most 64 bytes");
     }
 
     #[test]

@@ -405,8 +405,8 @@ pub fn validate_name(name: &str) -> std::result::Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "key name must be 1-64 characters of a-z 0-9 . - starting with a letter or digit (got {} characters)",
-            name.chars().count()
+            "key name must be 1-64 bytes of a-z 0-9 . - starting with a letter or digit (got {} bytes)",
+            name.len()
         ))
     }
 }
