@@ -430,7 +430,7 @@ fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// Appends `"name":` and a JSON array of strings.
+/// Appends a JSON array of strings.
 fn push_str_array(out: &mut String, items: &[String]) {
     out.push('[');
     for (i, item) in items.iter().enumerate() {
@@ -442,7 +442,7 @@ fn push_str_array(out: &mut String, items: &[String]) {
     out.push(']');
 }
 
-/// Appends 64 lower-case hex digits of `bytes`.
+/// Appends the lower-case hex digits of `bytes`.
 fn push_hex(out: &mut String, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     for &b in bytes {
@@ -594,7 +594,10 @@ fn parse_line(line: &str) -> Result<ParsedLine, String> {
 
 /// Whether `p`'s hash matches its body (format 1: through the token's HMAC).
 fn hash_matches(p: &ParsedLine, keys: &dyn AuditKeys) -> Result<bool, AuditError> {
-    let computed = if p.format == 1 { keys.chain_mac(&chain_mac_input(p.body.as_bytes()))? } else { line_hash(p.body.as_bytes()) };
+    let computed = match p.format {
+        1 => keys.chain_mac(&chain_mac_input(p.body.as_bytes()))?,
+        _ => line_hash(p.body.as_bytes()),
+    };
     Ok(openssl::memcmp::eq(&computed, &p.hash))
 }
 
