@@ -992,7 +992,7 @@ async fn audit_trail_holds_no_code_seed_or_phone_number() {
     assert!(!all.is_empty());
     for l in &all {
         let mut rest = l.as_object().expect("a JSON object").clone();
-        for random in ["ts", "seq", "prev_hash", "hash", "head", "sig", "request_id", "latency_us"] {
+        for random in ["ts", "seq", "prev_hash", "hash", "seal", "head", "sig", "request_id", "latency_us"] {
             rest.remove(random);
         }
         let rest = serde_json::Value::Object(rest).to_string();
