@@ -417,10 +417,8 @@ fn push_json_str(out: &mut String, s: &str) {
         };
         out.push_str(&s[start..i]);
         if esc.is_empty() {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
             out.push_str("\\u00");
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0xf)]));
+            push_hex(out, &[b]);
         } else {
             out.push_str(esc);
         }
@@ -428,6 +426,14 @@ fn push_json_str(out: &mut String, s: &str) {
     }
     out.push_str(&s[start..]);
     out.push('"');
+}
+
+/// Appends `,"name":` and `value` as a JSON string.
+fn push_str_field(out: &mut String, name: &str, value: &str) {
+    out.push_str(",\"");
+    out.push_str(name);
+    out.push_str("\":");
+    push_json_str(out, value);
 }
 
 /// Appends a JSON array of strings.
@@ -468,38 +474,27 @@ fn write_body(
     push_json_str(out, ts);
     let _ = write!(out, ",\"seq\":{seq},\"prev_hash\":\"");
     push_hex(out, prev_hash);
-    out.push_str("\",\"kind\":\"");
-    out.push_str(ev.kind.as_str());
-    out.push_str("\",\"client\":");
-    push_json_str(out, &ev.client);
-    out.push_str(",\"role\":");
-    push_json_str(out, &ev.role);
-    out.push_str(",\"action\":");
-    push_json_str(out, &ev.action);
+    out.push('"');
+    for (name, value) in [("kind", ev.kind.as_str()), ("client", &ev.client), ("role", &ev.role), ("action", &ev.action)] {
+        push_str_field(out, name, value);
+    }
     out.push_str(",\"keys\":");
     push_str_array(out, &ev.keys);
-    out.push_str(",\"outcome\":");
-    push_json_str(out, &ev.outcome);
-    out.push_str(",\"code\":");
-    push_json_str(out, &ev.code);
-    let _ = write!(out, ",\"latency_us\":{},\"request_id\":", ev.latency_us);
-    push_json_str(out, &ev.request_id);
+    push_str_field(out, "outcome", &ev.outcome);
+    push_str_field(out, "code", &ev.code);
+    let _ = write!(out, ",\"latency_us\":{}", ev.latency_us);
+    push_str_field(out, "request_id", &ev.request_id);
     out.push_str(",\"subjects\":");
     push_str_array(out, &ev.subjects);
     if let Some(detail) = &ev.detail {
-        out.push_str(",\"detail\":");
-        push_json_str(out, detail);
+        push_str_field(out, "detail", detail);
     }
     if let Some(cp) = checkpoint {
-        out.push_str(",\"head\":");
-        push_json_str(out, &cp.head);
-        out.push_str(",\"sig\":");
-        push_json_str(out, &cp.sig);
-        out.push_str(",\"sig_key\":");
-        push_json_str(out, &cp.sig_key);
+        for (name, value) in [("head", &cp.head), ("sig", &cp.sig), ("sig_key", &cp.sig_key)] {
+            push_str_field(out, name, value);
+        }
     }
-    out.push_str(",\"chain_key\":");
-    push_json_str(out, chain_key);
+    push_str_field(out, "chain_key", chain_key);
     out.push('}');
 }
 
