@@ -58,6 +58,8 @@ struct RawHsm {
     user_pin: PinSource,
     #[serde(default = "default_sessions")]
     sessions: usize,
+    #[serde(default)]
+    recycle_after_objects: Option<u64>,
 }
 
 fn default_sessions() -> usize {
@@ -364,6 +366,9 @@ pub struct HsmConfig {
     pub token_label: String,
     pub user_pin: SecretString,
     pub sessions: usize,
+    /// Session objects after which the PKCS#11 module is re-initialised to free their
+    /// memory (0: never; unset: 50,000 on SoftHSM below 2.7, else never).
+    pub recycle_after_objects: Option<u64>,
 }
 
 /// TLS listener settings. mTLS is mandatory: there is no way to omit the client CA.
@@ -770,7 +775,13 @@ impl Config {
         match (module, token_label, pin, listen, tls_cert, tls_key, client_ca, audit_dir) {
             (Some(module), Some(token_label), Some(user_pin), Some(listen), Some(tls_cert), Some(tls_key), Some(client_ca), Some(dir)) => {
                 Ok(Config {
-                    hsm: HsmConfig { module, token_label, user_pin, sessions: raw.hsm.sessions },
+                    hsm: HsmConfig {
+                        module,
+                        token_label,
+                        user_pin,
+                        sessions: raw.hsm.sessions,
+                        recycle_after_objects: raw.hsm.recycle_after_objects,
+                    },
                     server: ServerConfig { listen, tls_cert, tls_key, client_ca, client_crl, tls13_only: raw.server.tls13_only },
                     limits: Limits {
                         max_message_bytes: l.max_message_bytes,

@@ -1634,3 +1634,92 @@ async fn translate_pin_rate_limit_per_client() {
     expect_code(translate(&switch, treq(p, Z_TDES_B.name, PinBlockFormat::Iso0, None)).await, Code::ResourceExhausted, &["rate limit", "TranslatePin"], "past the burst");
     srv.stop().await;
 }
+
+/// SoftHSM below 2.7 keeps the memory of every destroyed session object until
+/// `C_Finalize`; with `hsm.recycle_after_objects` the appliance re-initialises the
+/// module and attaches again once that many were made. AES-128 DUKPT translations make
+/// session objects (derivation steps, the working key): across several recycles every
+/// one answers, and right. A child process, since `C_Finalize` ends every session of its
+/// process and this binary runs many appliances at once (which never recycle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn module_recycles_free_session_objects_and_no_call_fails() {
+    use keyward::client::{self, ClientTls};
+    use keyward::proto::{GetStatusRequest, PingRequest};
+
+    vector_keys();
+    let fx = fixture();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let addr = format!("127.0.0.1:{port}");
+    let audit = fresh_dir("recycle").join("audit");
+    let path = config_file("recycle", |t| {
+        let t = in_section(&t, "hsm", "recycle_after_objects = 40");
+        let t: Vec<String> = t
+            .lines()
+            .map(|l| {
+                if l.starts_with("listen = ") {
+                    format!("listen = \"{addr}\"")
+                } else if l.starts_with("dir = ") {
+                    format!("dir = \"{}\"", audit.display())
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        t.join("\n") + "\n"
+    });
+    let mut cmd = keyward_cli();
+    cmd.arg("serve").arg("--config").arg(&path).stdin(std::process::Stdio::null());
+    let child = {
+        let _g = token_write();
+        cmd.spawn().expect("spawn keyward serve")
+    };
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(child);
+    let tls = |who: &str| ClientTls::dev(&fx.prepared.pki, who);
+    let up = eventually(30, || {
+        let (addr, tls) = (addr.clone(), tls("admin"));
+        async move {
+            match client::connect(&addr, &tls).await {
+                Ok(ch) => Clients::new(ch).admin.ping(PingRequest::default()).await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    assert!(up, "the appliance child did not answer within 30 s");
+    let hub = Clients::new(client::connect(&addr, &tls("hub")).await.expect("connect as hub"));
+    let admin = Clients::new(client::connect(&addr, &tls("admin")).await.expect("connect as admin"));
+    let status = || {
+        let mut a = admin.admin.clone();
+        async move { a.get_status(GetStatusRequest {}).await.expect("GetStatus").into_inner() }
+    };
+    assert_eq!(status().await.token_recycles, 0);
+
+    let id: [u8; 8] = h("1234567890123456").try_into().unwrap();
+    let ik = dukpt::aes_initial_key(&h(AES_BDK), AesKeyType::Aes128, &id).unwrap();
+    let pins = ["1234", "98765", "555555", "1029384"];
+    let mut seen = std::collections::BTreeSet::new();
+    for counter in 1..=120u32 {
+        let pin = pins[counter as usize % pins.len()];
+        let (ksn, block) = aes_dukpt_block(&ik, id, counter, pin, PAN);
+        let p = epin(&block, PinBlockFormat::Iso4, pan(PAN), dukpt_src("bdk.vec-aes", &ksn));
+        let r = translate_ok(&hub, treq(p, Z_AES.name, PinBlockFormat::Iso4, None), &format!("counter {counter}")).await;
+        assert_eq!(decode(PinBlockFormat::Iso4, &r.block, Some(PAN), Z_AES), Ok(pin.to_string()), "counter {counter}");
+        let st = status().await;
+        assert!(st.serving && st.token_attached, "counter {counter}: not serving");
+        assert!(st.token_session_objects < 40 + 40, "counter {counter}: {} session objects, no recycle", st.token_session_objects);
+        seen.insert(st.token_recycles);
+    }
+    let st = status().await;
+    assert!(st.token_recycles >= 3, "{} recycles over 120 DUKPT translations at 40 objects", st.token_recycles);
+    assert!(seen.len() >= 3, "recycle counts seen: {seen:?}");
+    assert_eq!(st.token_serial, status().await.token_serial);
+    assert!(st.token_refused.is_empty());
+    assert!(child.0.try_wait().expect("child status").is_none(), "the appliance exited");
+}

@@ -75,6 +75,8 @@ impl AdminService for AdminSvc {
             refused_revoked: front.refused(Refusal::Revoked),
             refused_bad_certificate: front.refused(Refusal::BadCertificate),
             refused_protocol: front.refused(Refusal::Protocol),
+            token_session_objects: st.hsm.objects_since_recycle(),
+            token_recycles: st.hsm.recycles(),
         };
         st.finish(&caller, Note::default(), Ok(r)).await
     }

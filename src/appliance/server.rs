@@ -61,6 +61,7 @@ pub fn open_hsm(config: &Config) -> Result<Hsm, crate::hsm::Error> {
         user_pin: config.hsm.user_pin.clone(),
         pool_size: config.hsm.sessions,
         session_copies: true,
+        recycle_after_objects: config.hsm.recycle_after_objects,
     })
 }
 

@@ -196,6 +196,7 @@ impl Ceremony {
                         user_pin: c.hsm.user_pin,
                         pool_size: 1,
                         session_copies: false,
+                        recycle_after_objects: Some(0),
                     },
                     c.audit.dir,
                 )
@@ -211,6 +212,7 @@ impl Ceremony {
                         user_pin: user_pin_from_env()?,
                         pool_size: 1,
                         session_copies: false,
+                        recycle_after_objects: Some(0),
                     },
                     audit_dir,
                 )
@@ -664,7 +666,7 @@ pub fn open_token_only(args: &TokenArgs) -> Result<Hsm, CeremonyError> {
     let opts = match &args.config {
         Some(path) => {
             let c = Config::load(path)?;
-            HsmOptions { module: c.hsm.module, token_label: c.hsm.token_label, user_pin: c.hsm.user_pin, pool_size: 1, session_copies: false }
+            HsmOptions { module: c.hsm.module, token_label: c.hsm.token_label, user_pin: c.hsm.user_pin, pool_size: 1, session_copies: false, recycle_after_objects: Some(0) }
         }
         None => HsmOptions {
             module: args.module.clone(),
@@ -672,6 +674,7 @@ pub fn open_token_only(args: &TokenArgs) -> Result<Hsm, CeremonyError> {
             user_pin: user_pin_from_env()?,
             pool_size: 1,
             session_copies: false,
+            recycle_after_objects: Some(0),
         },
     };
     Ok(Hsm::open(opts)?)

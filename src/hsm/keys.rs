@@ -941,7 +941,10 @@ fn load_once(session: &Session, previous: Option<&Catalogue>, copies: bool, gene
             (true, _) => match session
                 .copy_object(objects.secret_or_private, &[Attribute::Token(false), Attribute::Modifiable(false)])
             {
-                Ok(h) => h,
+                Ok(h) => {
+                    super::token::note_created();
+                    h
+                }
                 // A token that cannot copy this key (non-modifiable original, or no
                 // C_CopyObject) still serves it, in place: slower, not weaker.
                 Err(e) => {

@@ -20,7 +20,7 @@ pub use mac::{MacAlgorithm, MacKey};
 pub use otp::{SeedCache, SeedHash};
 pub use pin::{format_matches as pin_format_matches, DukptCache, PinInput, PinSourceKey, PvMethod};
 pub use ops::low_s_normalise;
-pub use token::{Hsm, HsmOptions, TokenIdentity};
+pub use token::{Hsm, HsmOptions, TokenIdentity, SOFTHSM_RECYCLE_AFTER};
 
 use cryptoki::error::{Error as CkError, RvError};
 

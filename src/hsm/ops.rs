@@ -498,6 +498,7 @@ impl Hsm {
                 zeroize::Zeroize::zeroize(&mut v);
             }
             let h = h?;
+            super::token::note_created();
             let r = kcv(s, h, alg, None);
             let _ = keys::destroy_if_present(s, h);
             r

@@ -14,7 +14,7 @@ use cryptoki::session::Session;
 use zeroize::Zeroizing;
 
 use super::keys::{destroy_if_present, Catalogue, KeyEntry};
-use super::token::Hsm;
+use super::token::{note_created, Hsm};
 use super::{ck, ck_verify, Error, OpKind, Result};
 
 /// HMAC hash of a seed.
@@ -99,6 +99,7 @@ impl Hsm {
                 zeroize::Zeroize::zeroize(&mut v);
             }
             let h = h?;
+            note_created();
             let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, k.handle, h).map_err(ck("wrap seed"));
             destroy_if_present(s, h)?;
             wrapped
@@ -137,6 +138,7 @@ impl Hsm {
                     ) => Error::VerifyFailed,
                     other => Error::from_ck("unwrap imported seed", OpKind::Verify, other),
                 })?;
+            note_created();
             let rewrapped = (|| {
                 let len = match s.get_attributes(h, &[AttributeType::ValueLen]).map_err(ck("get_attributes"))?.first() {
                     Some(Attribute::ValueLen(n)) => usize::try_from(u64::from(*n)).unwrap_or(usize::MAX),
@@ -197,19 +199,24 @@ impl Hsm {
         // Hot path: a cached seed, used on any pooled session (session objects are
         // visible to every session of the application).
         if let Some(obj) = cache.hit(&id, self.catalogue().generation()) {
-            return self
+            let (authentic, sign) = (authentic.clone(), sign.clone());
+            let hot = self
                 .call(move |s, cat| {
-                    // The token was re-attached since the lookup: the handle is gone.
+                    // The token was re-attached since the lookup (a recovery, a module
+                    // recycle): the handle is gone, so the seed is unwrapped again below.
                     if cat.generation() != obj.generation {
-                        return Err(Error::Unavailable("token attachment changed; retry".into()));
+                        return Ok(None);
                     }
                     if !was_verified(&obj, &check_id) {
                         authentic(s, cat)?;
                         mark_verified(&obj, check_id);
                     }
-                    sign(s, obj.handle)
+                    sign(s, obj.handle).map(Some)
                 })
-                .await;
+                .await?;
+            if let Some(codes) = hot {
+                return Ok(codes);
+            }
         }
         let cache = Arc::clone(cache);
         self.call_anchor(move |s, cat| {
@@ -305,6 +312,7 @@ fn cached_seed(
     let handle = s
         .unwrap_key(&Mechanism::AesKeyWrapPad, k.handle, wrapped, &seed_template(true, false))
         .map_err(ck_verify("unwrap seed"))?;
+    note_created();
     let obj = SeedObject { handle, users: Arc::new(()), verified: Arc::default(), generation: cat.generation() };
     c.seeds.insert(*id, (obj.clone(), tick));
     Ok(obj)

@@ -30,6 +30,7 @@ use cryptoki::session::Session;
 use openssl::symm::{Cipher, Crypter, Mode};
 use zeroize::Zeroizing;
 
+use super::token::note_created;
 use super::keys::{destroy_if_present, Algorithm, Catalogue, Family, KeyEntry};
 use super::ops::kcv;
 use super::token::Hsm;
@@ -159,7 +160,9 @@ fn derived_template(derive: bool, decrypt: bool, extractable: bool) -> Vec<Attri
 /// One X9.24-3 derivation step in the token: AES-ECB of one block of derivation data.
 fn derive_step(s: &Session, base: ObjectHandle, dd: &[u8; 16], template: &[Attribute]) -> Result<ObjectHandle> {
     let params = AesCbcDeriveParams::new([0u8; 16], dd);
-    s.derive_key(&Mechanism::AesCbcEncryptData(params), base, template).map_err(ck("dukpt derive"))
+    let h = s.derive_key(&Mechanism::AesCbcEncryptData(params), base, template).map_err(ck("dukpt derive"))?;
+    note_created();
+    Ok(h)
 }
 
 /// One block of a 256-bit derivation, derived in the token and read into zeroizing memory.
@@ -565,7 +568,9 @@ fn import_transient(s: &Session, alg: Algorithm, value: &Zeroizing<Vec<u8>>) -> 
     if let Some(Attribute::Value(mut v)) = t.into_iter().last() {
         zeroize::Zeroize::zeroize(&mut v);
     }
-    h
+    let h = h?;
+    note_created();
+    Ok(h)
 }
 
 /// The verification value of `pin` for `account` under `pvk` with `method`.

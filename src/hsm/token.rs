@@ -6,7 +6,7 @@
 //! is in flight (a gate), so no call ever uses a handle of an older attachment.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,15 @@ pub struct HsmOptions {
     pub pool_size: usize,
     /// Copy hot-path keys into session objects (the appliance); the ceremony CLI works on token objects.
     pub session_copies: bool,
+    /// Re-initialise the module once this many session objects were made since it was
+    /// last initialised (0: never; `None`: [`SOFTHSM_RECYCLE_AFTER`] on SoftHSM below 2.7,
+    /// whose memory for a session object is freed only by `C_Finalize`, else never).
+    pub recycle_after_objects: Option<u64>,
 }
+
+/// Session objects between two re-initialisations of SoftHSM below 2.7 by default
+/// (each keeps about 600 bytes there until `C_Finalize`: about 30 MiB).
+pub const SOFTHSM_RECYCLE_AFTER: u64 = 50_000;
 
 impl std::fmt::Debug for HsmOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -41,6 +49,7 @@ impl std::fmt::Debug for HsmOptions {
             .field("token_label", &self.token_label)
             .field("pool_size", &self.pool_size)
             .field("session_copies", &self.session_copies)
+            .field("recycle_after_objects", &self.recycle_after_objects)
             .finish_non_exhaustive()
     }
 }
@@ -80,6 +89,16 @@ struct Inner {
     identity: Mutex<Option<Identity>>,
     /// Why the token found under the label was last refused (cleared by an attach).
     refused: Mutex<Option<String>>,
+    /// Session objects made since the module was last (re)initialised that trigger a
+    /// recycle (0: never).
+    recycle_after: u64,
+    /// [`CREATED`] when the module was last (re)initialised by this `Hsm`.
+    created_base: AtomicU64,
+    /// Recycles done.
+    recycles: AtomicU64,
+    /// A recycle is under way: the token counts as attached (health stays SERVING;
+    /// calls wait at the gate rather than fail).
+    recycling: AtomicBool,
 }
 
 /// What identifies the token first attached.
@@ -185,6 +204,7 @@ impl Workers {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.workers.close();
+        OPEN.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -212,6 +232,37 @@ const RECOVERY_BACKOFF: Duration = Duration::from_millis(500);
 /// serialised across every `Hsm` of the process.
 static OBJECTS: Mutex<()> = Mutex::new(());
 
+/// Session objects made in this process (derived and unwrapped keys, transient imports,
+/// session key copies). SoftHSM 2.6.1 frees a session object's attributes when it is
+/// destroyed but keeps the object itself until `C_Finalize` (upstream SoftHSMv2 issues
+/// 562 and 563): this count tells when to re-initialise the module.
+static CREATED: AtomicU64 = AtomicU64::new(0);
+
+/// `Hsm`s open in this process. `C_Finalize` ends every session of the process, so a
+/// recycle runs only while one is open (the appliance has one; tests may have several).
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts one session object made (call after every successful create, copy, derive,
+/// unwrap or generate of a session object).
+pub(crate) fn note_created() {
+    CREATED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The recycle threshold for `module` when the config leaves it to the appliance.
+fn default_recycle(ctx: &Pkcs11) -> u64 {
+    match ctx.get_library_info() {
+        Ok(info) => {
+            let v = info.library_version();
+            if info.manufacturer_id().trim_end().starts_with("SoftHSM") && (v.major(), v.minor()) < (2, 7) {
+                SOFTHSM_RECYCLE_AFTER
+            } else {
+                0
+            }
+        }
+        Err(_) => 0,
+    }
+}
+
 impl Hsm {
     /// Loads the module, finds the token by label, logs in and loads the catalogue.
     pub fn open(opts: HsmOptions) -> Result<Hsm> {
@@ -226,6 +277,9 @@ impl Hsm {
             Err(e) => return Err(ck("C_Initialize")(e)),
         }
         let pool_size = opts.pool_size.max(1);
+        let recycle_after = opts.recycle_after_objects.unwrap_or_else(|| default_recycle(&ctx));
+        let workers = Workers::start(pool_size)?;
+        OPEN.fetch_add(1, Ordering::AcqRel);
         let hsm = Hsm {
             inner: Arc::new(Inner {
                 ctx,
@@ -235,12 +289,16 @@ impl Hsm {
                 next_gen: AtomicU64::new(1),
                 pool: Mutex::new(Vec::new()),
                 gate: RwLock::new(()),
-                workers: Workers::start(pool_size)?,
+                workers,
                 catalogue: RwLock::new(Arc::new(Catalogue::default())),
                 recovering: Mutex::new(None),
                 login_refused: AtomicBool::new(false),
                 identity: Mutex::new(None),
                 refused: Mutex::new(None),
+                recycle_after,
+                created_base: AtomicU64::new(CREATED.load(Ordering::Relaxed)),
+                recycles: AtomicU64::new(0),
+                recycling: AtomicBool::new(false),
             }),
         };
         {
@@ -259,9 +317,9 @@ impl Hsm {
         Arc::clone(&self.inner.catalogue.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// True while the token is attached and logged in.
+    /// True while the token is attached and logged in (or re-attached by a recycle).
     pub fn is_live(&self) -> bool {
-        lock(&self.inner.attached).is_some()
+        lock(&self.inner.attached).is_some() || self.inner.recycling.load(Ordering::Acquire)
     }
 
     /// The serial number of the token first attached, and why a token is refused now.
@@ -476,9 +534,63 @@ impl Hsm {
         if let Err(e) = self.inner.ctx.clone().finalize() {
             tracing::debug!(error = %e, "C_Finalize");
         }
+        // C_Finalize freed what SoftHSM kept of the session objects made so far.
+        self.inner.created_base.store(CREATED.load(Ordering::Relaxed), Ordering::Relaxed);
         match self.inner.ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
             Err(e) => Err(Error::Unavailable(format!("C_Initialize: {e}"))),
+        }
+    }
+
+    /// Session objects made since the module was last (re)initialised by this `Hsm`.
+    pub fn objects_since_recycle(&self) -> u64 {
+        CREATED.load(Ordering::Relaxed).saturating_sub(self.inner.created_base.load(Ordering::Relaxed))
+    }
+
+    /// Times the module was re-initialised to free the memory of session objects.
+    pub fn recycles(&self) -> u64 {
+        self.inner.recycles.load(Ordering::Relaxed)
+    }
+
+    /// Once `recycle_after` session objects were made since the last (re)initialisation
+    /// and this is the process's only `Hsm`, re-initialises the module (`C_Finalize` +
+    /// `C_Initialize`) and attaches again: SoftHSM below 2.7 frees the memory of
+    /// destroyed session objects only then. Operations wait at the gate meanwhile (no
+    /// call fails); the derived-key caches see the new generation and start afresh.
+    /// Run on a token worker after a job, never with the gate held.
+    fn maybe_recycle(&self) {
+        let after = self.inner.recycle_after;
+        if after == 0 || self.objects_since_recycle() < after || OPEN.load(Ordering::Acquire) != 1 {
+            return;
+        }
+        let mut last_failure = lock(&self.inner.recovering);
+        if self.objects_since_recycle() < after || self.attachment().is_none() {
+            // Another worker recycled meanwhile, or the token is away (recovery's job).
+            return;
+        }
+        let started = Instant::now();
+        let _w = self.gate_write();
+        self.inner.recycling.store(true, Ordering::Release);
+        self.detach();
+        let attached = self.reinitialise().and_then(|()| self.establish());
+        self.inner.recycling.store(false, Ordering::Release);
+        // The key copies just made are not what the threshold counts.
+        self.inner.created_base.store(CREATED.load(Ordering::Relaxed), Ordering::Relaxed);
+        match attached {
+            Ok(()) => {
+                let n = self.inner.recycles.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::info!(
+                    objects = after,
+                    recycles = n,
+                    millis = started.elapsed().as_millis() as u64,
+                    "PKCS#11 module re-initialised to free the memory of destroyed session objects"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "attaching after the module re-initialisation failed");
+                self.detach();
+                *last_failure = Some(Instant::now());
+            }
         }
     }
 
@@ -574,6 +686,7 @@ impl Hsm {
                 if let Some(tx) = lock(&tx).take() {
                     let _ = tx.send(r);
                 }
+                this.maybe_recycle();
             }),
             abandoned: Box::new(move || lock(&probe).as_ref().is_none_or(|t| t.is_closed())),
         })?;
@@ -607,6 +720,7 @@ impl Hsm {
                 if let Some(tx) = lock(&tx).take() {
                     let _ = tx.send(r);
                 }
+                this.maybe_recycle();
             }),
             abandoned: Box::new(move || lock(&probe).as_ref().is_none_or(|t| t.is_closed())),
         })?;
