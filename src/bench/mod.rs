@@ -268,6 +268,11 @@ pub struct BenchArgs {
     /// State directory for --spawn; wiped first (default: $TMPDIR/keyward-bench).
     #[arg(long, requires = "spawn", help_heading = "Spawned appliance")]
     pub state: Option<PathBuf>,
+    /// Sets `hsm.recycle_after_objects` of the spawned appliance: the session objects
+    /// after which it re-initialises the PKCS#11 module (default: the appliance's own).
+    /// The child logs at warn; KEYWARD_LOG=info shows each re-initialisation.
+    #[arg(long, requires = "spawn", value_name = "N", help_heading = "Spawned appliance")]
+    pub recycle_after: Option<u64>,
     /// Appliance config template for --spawn.
     #[arg(long, default_value = "pkcs11-config/appliance.toml", help_heading = "Spawned appliance")]
     pub config_template: PathBuf,
@@ -551,7 +556,7 @@ fn run_soak(args: &BenchArgs, plan: &Plan, duration: &str) -> Result<(), BenchEr
         .arg("--config")
         .arg(&p.config)
         .envs(&p.exports)
-        .env("KEYWARD_LOG", "warn")
+        .env("KEYWARD_LOG", child_log())
         .stdin(Stdio::null())
         .output()
         .map_err(|e| BenchError::Failed(format!("keyward audit verify: {e}")))?;
@@ -636,10 +641,19 @@ fn prepare_state(args: &BenchArgs) -> Result<(crate::demo::Prepared, String, Zer
         .map(|l| if l.trim_start().starts_with("max_open_challenges") { format!("max_open_challenges = {BENCH_OPEN_CHALLENGES}") } else { l.to_string() })
         .collect::<Vec<_>>()
         .join("\n");
+    let text = match args.recycle_after {
+        Some(n) => text.replacen("[hsm]\n", &format!("[hsm]\nrecycle_after_objects = {n}\n"), 1),
+        None => text,
+    };
     std::fs::write(&p.config, text + "\n").map_err(io)?;
     let tmk = crate::demo::load_transport_key(&p, "tmk.terminals")
         .map_err(|e| BenchError::Failed(format!("terminal transport key: {e}")))?;
     Ok((p, listen, tmk))
+}
+
+/// The log filter of child processes: KEYWARD_LOG when set, else warn.
+fn child_log() -> String {
+    std::env::var("KEYWARD_LOG").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| "warn".into())
 }
 
 /// The appliance child process; killed on drop if still running.
@@ -654,7 +668,7 @@ fn start_child(p: &crate::demo::Prepared) -> Result<ChildGuard, BenchError> {
         .arg("--config")
         .arg(&p.config)
         .envs(&p.exports)
-        .env("KEYWARD_LOG", "warn")
+        .env("KEYWARD_LOG", child_log())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
@@ -732,7 +746,7 @@ async fn run_echo(plan: &Plan, p: &crate::demo::Prepared, tls: &ClientTls) -> Re
         .arg("--listen")
         .arg(&addr)
         .envs(&p.exports)
-        .env("KEYWARD_LOG", "warn")
+        .env("KEYWARD_LOG", child_log())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use super::{connect_all, targets_for, BenchError, Op, PinSetup, Plan, Target};
 use crate::client::ClientTls;
+use crate::proto::admin_service_client::AdminServiceClient;
 use crate::proto::otp_service_client::OtpServiceClient;
+use crate::proto::GetStatusRequest;
+use tonic::transport::Channel;
 
 /// Every operation the soak mixes (all the appliance's network operations).
 pub const SOAK_OPS: [Op; 16] = [
@@ -58,6 +61,8 @@ pub struct Sample {
     pub fds: u64,
     pub threads: u64,
     pub requests: u64,
+    /// Module re-initialisations so far (GetStatus `token_recycles`; `None`: not asked).
+    pub recycles: Option<u64>,
 }
 
 /// Reads VmRSS and Threads from /proc/PID/status and counts /proc/PID/fd.
@@ -71,7 +76,13 @@ fn sample(pid: u32, at: Duration, requests: u64) -> Option<Sample> {
             .and_then(|v| v.parse::<u64>().ok())
     };
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
-    Some(Sample { at, rss_kib: field("VmRSS:")?, fds, threads: field("Threads:")?, requests })
+    Some(Sample { at, rss_kib: field("VmRSS:")?, fds, threads: field("Threads:")?, requests, recycles: None })
+}
+
+/// The token module's re-initialisations so far, from GetStatus.
+async fn recycles(status: &Option<AdminServiceClient<Channel>>) -> Option<u64> {
+    let mut c = status.clone()?;
+    c.get_status(GetStatusRequest {}).await.ok().map(|r| r.into_inner().token_recycles)
 }
 
 /// What the soak measured.
@@ -102,16 +113,17 @@ impl SoakReport {
         for (op, ok, err) in &self.per_op {
             writeln!(out, "{:<16} {:>10} {:>7}", op.name(), ok, err)?;
         }
-        writeln!(out, "{:>7} {:>10} {:>6} {:>8} {:>10}", "t (s)", "RSS (MiB)", "fds", "threads", "requests")?;
+        writeln!(out, "{:>7} {:>10} {:>6} {:>8} {:>10} {:>9}", "t (s)", "RSS (MiB)", "fds", "threads", "requests", "recycles")?;
         for s in &self.samples {
             writeln!(
                 out,
-                "{:>7.0} {:>10.1} {:>6} {:>8} {:>10}",
+                "{:>7.0} {:>10.1} {:>6} {:>8} {:>10} {:>9}",
                 s.at.as_secs_f64(),
                 s.rss_kib as f64 / 1024.0,
                 s.fds,
                 s.threads,
-                s.requests
+                s.requests,
+                s.recycles.map_or_else(|| "-".to_string(), |n| n.to_string())
             )?;
         }
         if let (Some(first), Some(last)) = (self.samples.first(), self.samples.last()) {
@@ -214,16 +226,24 @@ pub async fn run(
 
     let mut samples = Vec::new();
     let total = |c: &[(AtomicU64, AtomicU64)]| c.iter().map(|(o, e)| o.load(Ordering::Relaxed) + e.load(Ordering::Relaxed)).sum();
+    // The token's module re-initialisations, from GetStatus as the admin client (the
+    // spawned appliance's dev PKI has one).
+    let status = match pin_setup {
+        Some(p) => crate::client::connect(addr, &ClientTls::dev(&p.pki, "admin")).await.ok().map(AdminServiceClient::new),
+        None => None,
+    };
     loop {
         let at = started.elapsed();
-        if let Some(s) = sample(pid, at, total(&counts)) {
+        if let Some(mut s) = sample(pid, at, total(&counts)) {
+            s.recycles = recycles(&status).await;
             eprintln!(
-                "bench: soak: t={:>5.0} s  RSS {:>7.1} MiB  fds {:>4}  threads {:>3}  requests {}",
+                "bench: soak: t={:>5.0} s  RSS {:>7.1} MiB  fds {:>4}  threads {:>3}  requests {}  recycles {}",
                 at.as_secs_f64(),
                 s.rss_kib as f64 / 1024.0,
                 s.fds,
                 s.threads,
-                s.requests
+                s.requests,
+                s.recycles.map_or_else(|| "-".to_string(), |n| n.to_string())
             );
             samples.push(s);
         }
@@ -235,7 +255,8 @@ pub async fn run(
     for t in tasks {
         t.await.map_err(|e| BenchError::Failed(format!("soak worker: {e}")))?;
     }
-    if let Some(s) = sample(pid, started.elapsed(), total(&counts)) {
+    if let Some(mut s) = sample(pid, started.elapsed(), total(&counts)) {
+        s.recycles = recycles(&status).await;
         samples.push(s);
     }
     let per_op = SOAK_OPS
